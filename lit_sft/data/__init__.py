@@ -1,0 +1,1 @@
+"""The SFT data pipeline: loading, chat-template tokenization and label masking, step planning, collation."""

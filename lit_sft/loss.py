@@ -1,0 +1,57 @@
+"""The SFT loss: causal-LM cross-entropy, summed over supervised tokens and normalised over the optimizer step.
+
+The loss of an optimizer step is
+
+    L = (sum of token losses over every micro-batch of the step, on every rank) / (supervised tokens in the step)
+
+(the "global token mean"; transformers' ``num_items_in_batch`` and TRL's ``average_tokens_across_devices`` compute
+the same). Each micro-batch back-propagates ``loss_sum * world_size / step_loss_tokens``: gradients then add up over
+micro-batches, and the data-parallel reduction (DDP, DeepSpeed ZeRO) *averages* over ``world_size`` ranks, so the
+optimizer sees exactly ``grad L``. Nothing else may divide: Lightning's ``accumulate_grad_batches`` stays 1 (the
+data module plans accumulation) and DeepSpeed runs with ``managed_gradient_accumulation: false`` (see
+``lit_sft/strategy.py``), so neither divides by an accumulation count. A short last step of an epoch is normalised
+by the tokens it actually holds.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lit_sft.data.tokenize import IGNORE_INDEX
+
+
+def token_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed next-token cross-entropy over supervised positions, computed in float32.
+
+    Args:
+        logits: ``[B, T, V]`` (any float dtype).
+        labels: ``[B, T]`` long; ``IGNORE_INDEX`` (-100) where unsupervised. Position ``t`` predicts ``labels[t+1]``.
+
+    Returns:
+        ``(loss_sum, num_tokens, num_correct)``: the summed loss in nats (float32 scalar), the number of supervised
+        targets, and how many of them the argmax predicts (both long scalars).
+    """
+    shift_logits = logits[:, :-1].flatten(0, 1).float()
+    shift_labels = labels[:, 1:].flatten()
+    loss_sum = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    mask = shift_labels != IGNORE_INDEX
+    with torch.no_grad():
+        num_correct = ((shift_logits.argmax(-1) == shift_labels) & mask).sum()
+    return loss_sum, mask.sum(), num_correct
+
+
+def backward_scale(step_loss_tokens: int, world_size: int) -> float:
+    """Factor that turns a micro-batch's ``loss_sum`` into the value to back-propagate: ``world_size / tokens``.
+
+    Args:
+        step_loss_tokens: supervised tokens in the whole optimizer step (all micro-batches, all ranks).
+        world_size: data-parallel ranks whose gradients the strategy averages.
+
+    Raises:
+        ValueError: ``step_loss_tokens`` is not positive (the data module never plans such a step).
+    """
+    if step_loss_tokens <= 0:
+        raise ValueError(f"an optimizer step with {step_loss_tokens} supervised tokens cannot be normalised")
+    return world_size / step_loss_tokens

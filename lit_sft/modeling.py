@@ -1,0 +1,121 @@
+"""Building the transformers causal LM: pretrained or from a config, sharded at construction under ZeRO-3.
+
+Under DeepSpeed ZeRO-3 Lightning calls ``configure_model`` inside ``deepspeed.zero.Init``, so parameters are born
+partitioned. ``from_pretrained`` inside that context alone is a known failure: the parameters come out with size 0
+and the checkpoint is never loaded into the shards. transformers partitions *and* loads correctly only while a live
+``HfDeepSpeedConfig`` exists (``transformers.integrations.is_deepspeed_zero3_enabled()``), which
+:func:`build_causal_lm` creates and returns; the caller must keep it alive as long as the model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lit_sft.data.loading import resolve_path
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}
+
+
+def resolve_attn_implementation(requested: Optional[str]) -> Optional[str]:
+    """``flash_attention_2`` when flash-attn is importable; otherwise fall back to ``sdpa`` with a warning.
+
+    The fallback keeps the recipe runnable on machines without a flash-attn build (its wheels are source-only).
+    With padded batches ``sdpa`` computes the same function; only speed and memory differ.
+    """
+    if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        rank_zero_warn("model.attn_implementation=flash_attention_2 but flash-attn is not installed: using sdpa")
+        return "sdpa"
+    return requested
+
+
+def load_config(model_name_or_path: Optional[str], revision: Optional[str], model_config: Optional[dict]) -> Any:
+    """The model's ``PretrainedConfig``: loaded from ``model_name_or_path`` and updated with ``model_config``, or,
+    without a path, built with ``AutoConfig.for_model(**model_config)`` (``model_config`` must hold ``model_type``).
+
+    Raises:
+        ValueError: neither a path nor a ``model_config`` with ``model_type``.
+    """
+    from transformers import AutoConfig
+
+    overrides = dict(model_config or {})
+    if model_name_or_path is None:
+        if "model_type" not in overrides:
+            raise ValueError("set model.model_name_or_path, or model.model_config with a 'model_type' key")
+        return AutoConfig.for_model(**overrides)
+    config = AutoConfig.from_pretrained(resolve_path(model_name_or_path), revision=revision)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def build_causal_lm(
+    model_name_or_path: Optional[str],
+    revision: Optional[str] = None,
+    torch_dtype: str = "bfloat16",
+    attn_implementation: Optional[str] = None,
+    random_init: bool = False,
+    model_config: Optional[dict] = None,
+    zero3_config: Optional[dict] = None,
+) -> tuple[torch.nn.Module, Any]:
+    """Create the causal LM, pretrained or randomly initialised, partitioned at birth under ZeRO-3.
+
+    Args:
+        model_name_or_path: hub id or local folder; ``None`` with ``model_config`` builds from a config alone.
+        revision: hub revision.
+        torch_dtype: ``bfloat16``, ``float16``, ``float32`` or ``auto``.
+        attn_implementation: ``flash_attention_2``, ``sdpa``, ``eager`` (see :func:`resolve_attn_implementation`).
+        random_init: build from the config with random weights (benchmarks, tests, the embedded default).
+        model_config: config overrides, e.g. ``{"num_hidden_layers": 2}``.
+        zero3_config: the DeepSpeed config dict when training with ZeRO-3, else ``None``.
+
+    Returns:
+        ``(model, hf_ds_config)``; keep ``hf_ds_config`` (``None`` without ZeRO-3) referenced as long as the model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    hf_ds_config = None
+    if zero3_config is not None:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds_config = HfDeepSpeedConfig(zero3_config)
+    if torch_dtype not in _DTYPES:
+        raise ValueError(f"model.torch_dtype={torch_dtype!r}: use one of {sorted(_DTYPES)}")
+    kwargs = dict(dtype=_DTYPES[torch_dtype], attn_implementation=resolve_attn_implementation(attn_implementation))
+    config = load_config(model_name_or_path, revision, model_config)
+    if random_init or model_name_or_path is None:
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_path(model_name_or_path), revision=revision, config=config, **kwargs
+        )
+    return model, hf_ds_config
+
+
+def apply_liger_kernels(model: torch.nn.Module, enabled: bool) -> bool:
+    """Swap in Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) for this model instance.
+
+    Uses ``liger_kernel.transformers._apply_liger_kernel_to_instance``, the entry point transformers' own
+    ``Trainer`` calls for ``use_liger_kernel``. Liger's kernels need a CUDA GPU: on CPU this warns and keeps the
+    plain path.
+
+    Returns:
+        Whether the kernels were applied (then the model's forward computes the loss without materialising logits).
+    """
+    if not enabled:
+        return False
+    if not torch.cuda.is_available():
+        rank_zero_warn("model.use_liger_kernel=true needs a CUDA GPU; training with the plain PyTorch kernels")
+        return False
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ImportError("model.use_liger_kernel=true needs the liger-kernel package: pip install liger-kernel")
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model)
+    return True

@@ -1,0 +1,207 @@
+"""``SFTModule``: the transformers causal LM, the token-normalised SFT loss, AdamW and the recipe's schedule."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+
+from lit_sft.loss import backward_scale, token_loss_sum
+from lit_sft.metrics import StepMetrics
+from lit_sft.modeling import apply_liger_kernels, build_causal_lm
+from lit_sft.optim import adamw, lr_scheduler
+
+
+# Checkpoints are taken after the optimizer step on purpose (resume continues from the next step).
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
+class SFTModule(L.LightningModule):
+    """Supervised fine-tuning of a transformers causal LM.
+
+    Optimization is manual so that the module owns the step: every training batch is one micro-batch; it
+    back-propagates ``loss_sum * world_size / step_loss_tokens`` (see ``lit_sft/loss.py``) and, after the step's
+    last micro-batch (``batch["last_in_step"]``), clips, steps AdamW and the LR schedule, and logs the step's
+    metrics (``lit_sft/metrics.py``). ``trainer.global_step`` therefore counts optimizer steps.
+
+    Args:
+        model_name_or_path: hub id or local folder of the base model (recipe: ``Qwen/Qwen2.5-1.5B-Instruct``);
+            ``pkg://package/dir`` names a folder inside an installed package; ``None`` builds from ``model_config``.
+        model_revision: hub revision (recipe: ``main``).
+        torch_dtype: dtype the weights are loaded in (recipe: ``bfloat16``).
+        attn_implementation: ``flash_attention_2`` (recipe; falls back to ``sdpa`` with a warning when flash-attn is
+            not installed), ``sdpa`` or ``eager``.
+        random_init: build the architecture with random weights instead of loading them (benchmarks, smoke tests).
+        model_config: overrides of the model config (e.g. a tiny ``num_hidden_layers``), or, without
+            ``model_name_or_path``, the whole config including ``model_type``.
+        use_liger_kernel: Liger's Triton kernels, including the fused linear cross-entropy that never materialises
+            the ``[tokens, vocab]`` logits (recipe: true; GPU only, a warning on CPU).
+        gradient_checkpointing: recompute activations in the backward pass (recipe: true).
+        gradient_checkpointing_kwargs: passed to ``gradient_checkpointing_enable`` (recipe: ``use_reentrant: false``).
+        learning_rate: peak learning rate of AdamW (recipe: 5e-5).
+        lr_scheduler_type: a transformers scheduler name (recipe: ``cosine_with_min_lr``).
+        lr_scheduler_kwargs: its extra arguments (recipe: ``{min_lr_rate: 0.1}``).
+        warmup_ratio: share of the optimizer steps spent in linear warmup, rounded up (recipe: 0.05).
+        weight_decay: AdamW weight decay on matrices (transformers' default: 0).
+        adam_beta1, adam_beta2, adam_epsilon: AdamW constants (transformers' defaults).
+        max_grad_norm: clip the global gradient norm to this (transformers' default: 1.0; 0 or ``None``: no clip).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: Optional[str] = None,
+        model_revision: Optional[str] = "main",
+        torch_dtype: str = "bfloat16",
+        attn_implementation: Optional[str] = "flash_attention_2",
+        random_init: bool = False,
+        model_config: Optional[dict[str, Any]] = None,
+        use_liger_kernel: bool = False,
+        gradient_checkpointing: bool = True,
+        gradient_checkpointing_kwargs: Optional[dict[str, Any]] = None,
+        learning_rate: float = 5e-5,
+        lr_scheduler_type: str = "cosine_with_min_lr",
+        lr_scheduler_kwargs: Optional[dict[str, Any]] = None,
+        warmup_ratio: float = 0.05,
+        weight_decay: float = 0.0,
+        adam_beta1: float = 0.9,
+        adam_beta2: float = 0.999,
+        adam_epsilon: float = 1e-8,
+        max_grad_norm: Optional[float] = 1.0,
+    ) -> None:
+        super().__init__()
+        if model_name_or_path is None and not (model_config or {}).get("model_type"):
+            raise ValueError("set model.model_name_or_path, or model.model_config with a 'model_type' key")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.max_grad_norm = max_grad_norm
+        self.model: Optional[torch.nn.Module] = None
+        self.fused_loss = False
+        self.step_metrics = StepMetrics()
+        self._hf_ds_config: Any = None
+        self._val_sums: Optional[torch.Tensor] = None
+
+    # -- model ---------------------------------------------------------------------------------------------------
+    @property
+    def zero3(self) -> bool:
+        """Whether the model is partitioned with DeepSpeed ZeRO stage 3."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+
+    def configure_model(self) -> None:
+        """Build the model; under ZeRO-3 it is born partitioned and pretrained weights load into the shards."""
+        if self.model is not None:
+            return
+        hp = self.hparams
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        zero3_init = self.zero3 and getattr(strategy, "zero3_init", True)
+        self.model, self._hf_ds_config = build_causal_lm(
+            hp.model_name_or_path, hp.model_revision, hp.torch_dtype, hp.attn_implementation, hp.random_init,
+            hp.model_config, zero3_config=strategy.config if zero3_init else None,
+        )
+        self.model.config.use_cache = False
+        if hp.gradient_checkpointing:
+            kwargs = hp.gradient_checkpointing_kwargs or {"use_reentrant": False}
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.fused_loss = apply_liger_kernels(self.model, hp.use_liger_kernel)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+        """The causal LM's forward: ``input_ids`` ``[B, T]`` -> output with ``logits`` ``[B, T, V]``."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+
+    def loss_sums(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Summed token loss of a micro-batch: ``(loss_sum, num_loss_tokens, num_correct or None)``.
+
+        With Liger's fused linear cross-entropy the model computes the loss itself without logits; passing
+        ``num_items_in_batch=1`` makes transformers/Liger return the sum (they divide the summed loss by it).
+        """
+        labels = batch["labels"]
+        if self.fused_loss:
+            out = self(batch["input_ids"], batch.get("attention_mask"), labels=labels, num_items_in_batch=1)
+            return out.loss.float(), (labels[:, 1:] != -100).sum(), None
+        out = self(batch["input_ids"], batch.get("attention_mask"))
+        return token_loss_sum(out.logits, labels)
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.step_metrics.start_clock()
+        loss_sum, num_loss_tokens, num_correct = self.loss_sums(batch)
+        self.manual_backward(loss_sum * backward_scale(batch["step_loss_tokens"], self.trainer.world_size))
+        num_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else torch.tensor(batch["input_ids"].numel())
+        self.step_metrics.add(loss_sum, num_loss_tokens, num_correct, num_tokens)
+        if batch["last_in_step"]:
+            self._optimizer_step()
+
+    def _optimizer_step(self) -> None:
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        lr = optimizer.param_groups[0]["lr"]
+        grad_norm = None
+        if not isinstance(self.trainer.strategy, DeepSpeedStrategy):  # DeepSpeed clips inside its step
+            params = [p for p in self.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        if grad_norm is None:
+            grad_norm = self.trainer.strategy.deepspeed_engine.get_global_grad_norm()
+        metrics = self.step_metrics.reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+        metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["train/learning_rate"] = lr
+        metrics["train/epoch"] = float(self.current_epoch)
+        self.log_step(metrics)
+
+    def log_step(self, metrics: dict[str, float]) -> None:
+        """Show the step's metrics in the progress bar and write them to every logger every
+        ``trainer.log_every_n_steps`` optimizer steps, at ``step = global_step``."""
+        self.last_step_metrics = metrics
+        for key in ("train/loss", "train/tokens_per_s"):
+            self.log(key.split("/")[1], metrics[key], prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        every = self.trainer.log_every_n_steps
+        if every and self.global_step % every == 0:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.global_step)
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss_sum, num_loss_tokens, _ = self.loss_sums(batch)
+        sums = torch.stack([loss_sum.detach().double(), num_loss_tokens.double()])
+        self._val_sums = sums if self._val_sums is None else self._val_sums + sums
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_sums is None:
+            return
+        loss_sum, tokens = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
+        self._val_sums = None
+        self.log("val/loss", loss_sum / max(tokens, 1.0), prog_bar=True, sync_dist=False, rank_zero_only=True)
+
+    # -- optimizer -----------------------------------------------------------------------------------------------
+    def num_training_steps(self) -> int:
+        """Optimizer steps of the run: ``trainer.max_steps`` if set, else steps per epoch x ``max_epochs``.
+
+        Raises:
+            RuntimeError: the trainer has no ``SFTDataModule``-like datamodule and no ``max_steps``.
+        """
+        trainer = self.trainer
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "optimizer_steps_per_epoch"):
+            raise RuntimeError("SFTModule needs trainer.max_steps or an SFTDataModule to size the LR schedule")
+        return datamodule.optimizer_steps_per_epoch * max(trainer.max_epochs or 1, 1)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = adamw(self.model, hp.learning_rate, hp.weight_decay, (hp.adam_beta1, hp.adam_beta2),
+                          hp.adam_epsilon)
+        scheduler = lr_scheduler(optimizer, hp.lr_scheduler_type, self.num_training_steps(), hp.warmup_ratio,
+                                 hp.lr_scheduler_kwargs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoint ----------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lit_sft_metrics"] = self.step_metrics.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.step_metrics.load_state_dict(checkpoint.get("lit_sft_metrics", {}))
