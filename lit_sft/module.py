@@ -63,7 +63,7 @@ class SFTModule(L.LightningModule):
         gradient_checkpointing_kwargs: Optional[dict[str, Any]] = None,
         learning_rate: float = 5e-5,
         lr_scheduler_type: str = "cosine_with_min_lr",
-        lr_scheduler_kwargs: Optional[dict[str, Any]] = None,
+        lr_scheduler_kwargs: Optional[dict[str, Any]] = {"min_lr_rate": 0.1},  # noqa: B006 (never mutated)
         warmup_ratio: float = 0.05,
         weight_decay: float = 0.0,
         adam_beta1: float = 0.9,

@@ -43,7 +43,8 @@ class SFTDeepSpeedStrategy(DeepSpeedStrategy):
         zero3_save_16bit_model: bool = True,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("logging_batch_size_per_gpu", 1)  # only feeds DeepSpeed's own throughput printouts
+        if kwargs.get("logging_batch_size_per_gpu", "auto") == "auto":  # only feeds DeepSpeed's throughput printouts;
+            kwargs["logging_batch_size_per_gpu"] = 1  # "auto" would build a train dataloader during model setup
         super().__init__(
             stage=zero_stage,
             offload_optimizer=offload_optimizer_device != "none",
