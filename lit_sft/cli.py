@@ -150,7 +150,8 @@ class SFTCLI(LightningCLI):
 
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``lit_sft`` console script."""
-    SFTCLI(SFTModule, SFTDataModule, args=args, save_config_kwargs={"overwrite": True})
+    SFTCLI(SFTModule, SFTDataModule, args=args, save_config_kwargs={"overwrite": True},
+           auto_configure_optimizers=False)
 
 
 if __name__ == "__main__":
