@@ -45,7 +45,8 @@ def load_tokenizer(
         eos_token: overrides the tokenizer's EOS (it must be the template's end-of-turn token).
 
     Raises:
-        ValueError: no chat template after the overrides, or ``eos_token`` not in the vocabulary.
+        ValueError: ``eos_token`` not in the vocabulary, or (when there is a chat template) the EOS is not the token
+            that closes an assistant turn (see :func:`check_end_of_turn`).
     """
     from transformers import AutoTokenizer
 
@@ -59,9 +60,40 @@ def load_tokenizer(
         if tokenizer.convert_tokens_to_ids(eos_token) in (None, tokenizer.unk_token_id):
             raise ValueError(f"data.eos_token={eos_token!r} is not a token of {name_or_path!r}")
         tokenizer.eos_token = eos_token
+    if tokenizer.chat_template is not None:
+        check_end_of_turn(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+_PROBE = "lit_sft-probe-assistant-content"
+
+
+def check_end_of_turn(tokenizer: Any) -> None:
+    """Check that the tokenizer's EOS is the token that closes an assistant turn in its chat template.
+
+    Assistant spans (``assistant_only_loss``) end at the EOS, and ``text`` rows get the EOS appended, so the model
+    must be taught to emit the token the template ends a turn with (``<|im_end|>`` for Qwen chat templates; a Qwen2.5
+    *base* tokenizer's EOS is ``<|endoftext|>``). Renders ``[user, assistant]`` and reads what follows the assistant
+    content (whitespace before the EOS is allowed).
+
+    Raises:
+        ValueError: names ``data.eos_token``, the tokenizer's EOS and the token the template actually uses.
+    """
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    after = text[text.rfind(_PROBE) + len(_PROBE):] if _PROBE in text else ""
+    if tokenizer.eos_token is not None and after.lstrip().startswith(tokenizer.eos_token):
+        return
+    pieces = tokenizer.tokenize(after.lstrip()) if after.strip() else []
+    used = repr(pieces[0]) if pieces else "nothing"
+    raise ValueError(
+        f"data.eos_token: the chat template closes an assistant turn with {used}, but the tokenizer's EOS is "
+        f"{tokenizer.eos_token!r}; assistant spans end at the EOS and text rows get it appended, so the two must "
+        f"agree: set `data.eos_token: {pieces[0] if pieces else '<end-of-turn token>'}` "
+        "(or change `data.chat_template`)"
+    )
 
 
 def load_split(
