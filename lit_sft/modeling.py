@@ -23,15 +23,25 @@ log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}
 
 
-def resolve_attn_implementation(requested: Optional[str]) -> Optional[str]:
-    """``flash_attention_2`` when flash-attn is importable; otherwise fall back to ``sdpa`` with a warning.
+def resolve_attn_implementation(requested: Optional[str], padding_free: bool = False) -> Optional[str]:
+    """``flash_attention_2`` when flash-attn is importable; otherwise fall back, with a warning, to ``sdpa`` (padded
+    batches) or to PyTorch's varlen attention ``lit_sft_varlen`` (padding-free batches; see ``lit_sft/attention.py``).
 
-    The fallback keeps the recipe runnable on machines without a flash-attn build (its wheels are source-only).
-    With padded batches ``sdpa`` computes the same function; only speed and memory differ.
+    The fallback keeps the recipe runnable on machines without a flash-attn build (its wheels are source-only); it
+    computes the same function, only speed and memory differ.
+
+    Raises:
+        ValueError: padding-free batches with a backend that does not keep rows apart.
     """
+    from lit_sft.attention import VARLEN, check_isolates_rows, register_varlen_attention
+
+    register_varlen_attention()
     if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        rank_zero_warn("model.attn_implementation=flash_attention_2 but flash-attn is not installed: using sdpa")
-        return "sdpa"
+        fallback = VARLEN if padding_free else "sdpa"
+        rank_zero_warn(f"model.attn_implementation=flash_attention_2 but flash-attn is not installed: using {fallback}")
+        requested = fallback
+    if padding_free:
+        check_isolates_rows(requested)
     return requested
 
 
@@ -63,6 +73,7 @@ def build_causal_lm(
     random_init: bool = False,
     model_config: Optional[dict] = None,
     zero3_config: Optional[dict] = None,
+    padding_free: bool = False,
 ) -> tuple[torch.nn.Module, Any]:
     """Create the causal LM, pretrained or randomly initialised, partitioned at birth under ZeRO-3.
 
@@ -74,6 +85,7 @@ def build_causal_lm(
         random_init: build from the config with random weights (benchmarks, tests, the embedded default).
         model_config: config overrides, e.g. ``{"num_hidden_layers": 2}``.
         zero3_config: the DeepSpeed config dict when training with ZeRO-3, else ``None``.
+        padding_free: batches will be padding-free (the attention backend must keep rows apart).
 
     Returns:
         ``(model, hf_ds_config)``; keep ``hf_ds_config`` (``None`` without ZeRO-3) referenced as long as the model.
@@ -87,7 +99,7 @@ def build_causal_lm(
         hf_ds_config = HfDeepSpeedConfig(zero3_config)
     if torch_dtype not in _DTYPES:
         raise ValueError(f"model.torch_dtype={torch_dtype!r}: use one of {sorted(_DTYPES)}")
-    kwargs = dict(dtype=_DTYPES[torch_dtype], attn_implementation=resolve_attn_implementation(attn_implementation))
+    kwargs = dict(dtype=_DTYPES[torch_dtype], attn_implementation=resolve_attn_implementation(attn_implementation, padding_free))
     config = load_config(model_name_or_path, revision, model_config)
     if random_init or model_name_or_path is None:
         model = AutoModelForCausalLM.from_config(config, **kwargs)

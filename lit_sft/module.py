@@ -10,10 +10,13 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from lit_sft.loss import backward_scale, token_loss_sum
-from lit_sft.metrics import StepMetrics
+from lit_sft.metrics import StepMetrics, device_peak_flops, matmul_params, training_flops
 from lit_sft.modeling import apply_liger_kernels, build_causal_lm
 from lit_sft.optim import adamw, lr_scheduler
 
+
+# Padding-free batches (lit_sft/data/collate.py PaddingFreeCollator) pass these to the model's attention.
+_PADDING_FREE_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 # Checkpoints are taken after the optimizer step on purpose (resume continues from the next step).
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -97,15 +100,32 @@ class SFTModule(L.LightningModule):
         hp = self.hparams
         strategy = self._trainer.strategy if self._trainer is not None else None
         zero3_init = self.zero3 and getattr(strategy, "zero3_init", True)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         self.model, self._hf_ds_config = build_causal_lm(
             hp.model_name_or_path, hp.model_revision, hp.torch_dtype, hp.attn_implementation, hp.random_init,
             hp.model_config, zero3_config=strategy.config if zero3_init else None,
+            padding_free=bool(getattr(datamodule, "padding_free", False)),
         )
         self.model.config.use_cache = False
         if hp.gradient_checkpointing:
             kwargs = hp.gradient_checkpointing_kwargs or {"use_reentrant": False}
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.fused_loss = apply_liger_kernels(self.model, hp.use_liger_kernel)
+        self._flops_args = (matmul_params(self.model), self.model.config.num_hidden_layers, self.model.config.hidden_size)
+
+    def on_fit_start(self) -> None:
+        self.step_metrics.peak_flops = device_peak_flops(self.device)
+        self.step_metrics.world_size = self.trainer.world_size
+
+    @staticmethod
+    def sequence_lengths(batch: dict[str, Any]) -> torch.Tensor:
+        """``[B]`` lengths of the sequences in a micro-batch: from ``cu_seq_lens_q`` (padding-free) or the rows of
+        ``attention_mask`` (padded)."""
+        if "cu_seq_lens_q" in batch:
+            return batch["cu_seq_lens_q"].diff()
+        if "attention_mask" in batch:
+            return batch["attention_mask"].sum(-1)
+        return torch.full((batch["input_ids"].shape[0],), batch["input_ids"].shape[1])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
         """The causal LM's forward: ``input_ids`` ``[B, T]`` -> output with ``logits`` ``[B, T, V]``."""
@@ -118,10 +138,11 @@ class SFTModule(L.LightningModule):
         ``num_items_in_batch=1`` makes transformers/Liger return the sum (they divide the summed loss by it).
         """
         labels = batch["labels"]
+        packed = {k: batch[k] for k in _PADDING_FREE_KEYS if k in batch}
         if self.fused_loss:
-            out = self(batch["input_ids"], batch.get("attention_mask"), labels=labels, num_items_in_batch=1)
+            out = self(batch["input_ids"], batch.get("attention_mask"), labels=labels, num_items_in_batch=1, **packed)
             return out.loss.float(), (labels[:, 1:] != -100).sum(), None
-        out = self(batch["input_ids"], batch.get("attention_mask"))
+        out = self(batch["input_ids"], batch.get("attention_mask"), **packed)
         return token_loss_sum(out.logits, labels)
 
     # -- training ------------------------------------------------------------------------------------------------
@@ -129,8 +150,9 @@ class SFTModule(L.LightningModule):
         self.step_metrics.start_clock()
         loss_sum, num_loss_tokens, num_correct = self.loss_sums(batch)
         self.manual_backward(loss_sum * backward_scale(batch["step_loss_tokens"], self.trainer.world_size))
-        num_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else torch.tensor(batch["input_ids"].numel())
-        self.step_metrics.add(loss_sum, num_loss_tokens, num_correct, num_tokens)
+        seq_lens = self.sequence_lengths(batch)
+        flops = training_flops(seq_lens, *self._flops_args)
+        self.step_metrics.add(loss_sum, num_loss_tokens, num_correct, seq_lens.sum(), batch["input_ids"].numel(), flops)
         if batch["last_in_step"]:
             self._optimizer_step()
 
@@ -156,7 +178,7 @@ class SFTModule(L.LightningModule):
         """Show the step's metrics in the progress bar and write them to every logger every
         ``trainer.log_every_n_steps`` optimizer steps, at ``step = global_step``."""
         self.last_step_metrics = metrics
-        for key in ("train/loss", "train/tokens_per_s"):
+        for key in ("train/loss", "train/tokens_per_s", "train/mfu"):
             self.log(key.split("/")[1], metrics[key], prog_bar=True, logger=False, on_step=True, on_epoch=False)
         every = self.trainer.log_every_n_steps
         if every and self.global_step % every == 0:

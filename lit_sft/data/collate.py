@@ -56,3 +56,44 @@ class PaddingCollator:
             "last_in_step": bool(first.get("last_in_step", True)),
             "step": int(first.get("step", 0)),
         }
+
+
+class PaddingFreeCollator:
+    """Concatenates a micro-batch's rows into one sequence with no padding (see ``lit_sft/attention.py``).
+
+    Input rows as for :class:`PaddingCollator`; a row may also carry ``seq_lengths`` (a packed item holding several
+    documents back to back), in which case positions restart at each document.
+
+    Output (``B`` documents of lengths ``T_i``, ``N = sum_i T_i``):
+        ``input_ids``, ``labels``, ``position_ids``: ``[1, N]`` long; positions restart at 0 for every document;
+        ``cu_seq_lens_q``, ``cu_seq_lens_k``: ``[B + 1]`` int32 cumulative lengths ``[0, T_1, T_1 + T_2, ..., N]``;
+        ``max_length_q``, ``max_length_k``: int, ``max_i T_i``;
+        plus ``num_loss_tokens``, ``step_loss_tokens``, ``last_in_step``, ``step`` as :class:`PaddingCollator`.
+    Every document's first label is ``IGNORE_INDEX`` (set at tokenization), so no position learns to predict the
+    next document's first token.
+    """
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        input_ids, labels, lengths = [], [], []
+        for row in rows:
+            input_ids.extend(row["input_ids"])
+            labels.extend(row["labels"] if row.get("supervised", True) else [IGNORE_INDEX] * len(row["labels"]))
+            lengths.extend(row.get("seq_lengths") or [len(row["input_ids"])])
+        position_ids = torch.cat([torch.arange(n) for n in lengths])
+        cu_seq = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu_seq[1:] = torch.cumsum(torch.tensor(lengths), 0)
+        labels_t = torch.tensor([labels], dtype=torch.long)
+        first = rows[0]
+        return {
+            "input_ids": torch.tensor([input_ids], dtype=torch.long),
+            "labels": labels_t,
+            "position_ids": position_ids.unsqueeze(0),
+            "cu_seq_lens_q": cu_seq,
+            "cu_seq_lens_k": cu_seq.clone(),
+            "max_length_q": max(lengths),
+            "max_length_k": max(lengths),
+            "num_loss_tokens": (labels_t != IGNORE_INDEX).sum(),
+            "step_loss_tokens": int(first.get("step_loss_tokens", 0)),
+            "last_in_step": bool(first.get("last_in_step", True)),
+            "step": int(first.get("step", 0)),
+        }
