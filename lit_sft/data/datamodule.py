@@ -9,7 +9,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from lit_sft.data.collate import PaddingCollator
+from lit_sft.data.collate import PaddingCollator, PaddingFreeCollator
 from lit_sft.data.loading import load_split, load_tokenizer
 from lit_sft.data.sampler import MicroBatchItem, StepBatchSampler
 from lit_sft.data.tokenize import tokenize_row
@@ -18,20 +18,52 @@ log = logging.getLogger(__name__)
 
 
 class _PlannedRows(Dataset):
-    """Looks rows up by :class:`MicroBatchItem` (training) or by plain index (evaluation)."""
+    """Looks rows up by :class:`MicroBatchItem` (training) or by plain index (evaluation).
 
-    def __init__(self, rows: Any) -> None:
-        self.rows = rows
+    With ``groups`` (packing), planned item ``i`` is the rows ``groups[i]`` back to back, with their
+    ``seq_lengths``.
+    """
+
+    def __init__(self, rows: Any, groups: Optional[list[list[int]]] = None) -> None:
+        self.rows, self.groups = rows, groups
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.groups) if self.groups is not None else len(self.rows)
+
+    def _row(self, index: int) -> dict[str, Any]:
+        if self.groups is None:
+            row = self.rows[index]
+            return {"input_ids": row["input_ids"], "labels": row["labels"]}
+        members = [self.rows[r] for r in self.groups[index]]
+        return {"input_ids": [t for m in members for t in m["input_ids"]],
+                "labels": [t for m in members for t in m["labels"]],
+                "seq_lengths": [len(m["input_ids"]) for m in members]}
 
     def __getitem__(self, item: Union[int, MicroBatchItem]) -> dict[str, Any]:
         if isinstance(item, MicroBatchItem):
-            row = self.rows[item.row]
-            return {"input_ids": row["input_ids"], "labels": row["labels"], "supervised": item.supervised,
-                    "step": item.step, "step_loss_tokens": item.step_loss_tokens, "last_in_step": item.last_in_step}
-        return dict(self.rows[item])
+            return {**self._row(item.row), "supervised": item.supervised, "step": item.step,
+                    "step_loss_tokens": item.step_loss_tokens, "last_in_step": item.last_in_step}
+        return self._row(item)
+
+
+def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Best-fit-decreasing packing of rows into groups of at most ``max_length`` tokens (TRL's ``bfd`` strategy).
+
+    Returns:
+        Groups of row indices; every row appears in exactly one group, each group's lengths sum to ``<= max_length``.
+    """
+    groups: list[list[int]] = []
+    room: list[int] = []
+    for row in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
+        fits = [g for g, free in enumerate(room) if lengths[row] <= free]
+        if fits:
+            g = min(fits, key=lambda g: room[g])
+            groups[g].append(row)
+            room[g] -= lengths[row]
+        else:
+            groups.append([row])
+            room.append(max_length - lengths[row])
+    return groups
 
 
 def _preprocess(row: dict, index: int, tokenizer: Any, max_length: Optional[int], assistant_only_loss: bool,
@@ -69,7 +101,16 @@ class SFTDataModule(L.LightningDataModule):
         per_device_train_batch_size: rows per micro-batch per device (recipe: 16).
         per_device_eval_batch_size: rows per evaluation batch per device.
         gradient_accumulation_steps: micro-batches per device per optimizer step.
-        packing: pack rows into ``max_length`` sequences (not supported yet).
+        packing: pack rows into sequences of up to ``max_length`` tokens (best-fit decreasing, once, as TRL's
+            ``bfd``); a "row" of the batch arithmetic is then a packed sequence, so rows per optimizer step become
+            ``per_device_train_batch_size`` packed sequences per device. Implies padding-free collation (documents
+            never attend to each other). Unlike ``padding_free``, this changes how many conversations make a step.
+        padding_free: concatenate each micro-batch's rows into one sequence with no padding; positions restart per
+            row and attention never crosses rows (``lit_sft/attention.py``). Same rows per step, same loss.
+        max_tokens_per_micro_batch: with ``padding_free``, fill micro-batches up to this many tokens instead of
+            ``per_device_train_batch_size`` rows; an optimizer step still covers ``per_device_train_batch_size x
+            gradient_accumulation_steps x world_size`` rows (the recipe's), so the learning dynamics are unchanged.
+            Must be ``>= max_length``.
         do_eval: evaluate on ``dataset_test_split``.
         dataset_num_proc: processes for tokenization (``datasets.map(num_proc=...)``).
         num_workers: ``DataLoader`` worker processes.
@@ -98,6 +139,8 @@ class SFTDataModule(L.LightningDataModule):
         per_device_eval_batch_size: int = 16,
         gradient_accumulation_steps: int = 1,
         packing: bool = False,
+        padding_free: bool = False,
+        max_tokens_per_micro_batch: Optional[int] = None,
         do_eval: bool = False,
         dataset_num_proc: Optional[int] = None,
         num_workers: int = 2,
@@ -107,8 +150,15 @@ class SFTDataModule(L.LightningDataModule):
         pad_to_multiple_of: Optional[int] = None,
     ) -> None:
         super().__init__()
-        if packing:
-            raise NotImplementedError("data.packing=true is not supported yet; set data.packing: false")
+        if max_tokens_per_micro_batch is not None:
+            if not (padding_free or packing):
+                raise ValueError("data.max_tokens_per_micro_batch needs data.padding_free: true")
+            if max_length is not None and max_tokens_per_micro_batch < max_length:
+                raise ValueError(f"data.max_tokens_per_micro_batch={max_tokens_per_micro_batch} must be >= "
+                                 f"data.max_length={max_length}, or a long row would not fit any micro-batch")
+        if packing and max_length is None:
+            raise ValueError("data.packing=true needs data.max_length (the packed sequence length)")
+        self.padding_free = padding_free or packing
         if tokenizer_name_or_path is None:
             raise ValueError("data.tokenizer_name_or_path is required (the CLI sets it from model.model_name_or_path)")
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -117,6 +167,7 @@ class SFTDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer_name_or_path, tokenizer_revision, chat_template, eos_token)
         self.train_rows: Any = None
+        self.train_groups: Optional[list[list[int]]] = None
         self.eval_rows: Any = None
 
     # -- preprocessing -------------------------------------------------------------------------------------------
@@ -152,6 +203,11 @@ class SFTDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_rows is None:
             self.train_rows = self._tokenize(self.hparams.dataset_train_split)
+            self.train_groups = None
+            if self.hparams.packing:
+                self.train_groups = pack_rows(self.train_rows["length"], self.hparams.max_length)
+                rank_zero_info(f"packing: {len(self.train_rows)} rows into {len(self.train_groups)} sequences of "
+                               f"<= {self.hparams.max_length} tokens")
         if self.hparams.do_eval and self.eval_rows is None:
             self.eval_rows = self._tokenize(self.hparams.dataset_test_split)
         trainer = self.trainer
@@ -166,10 +222,15 @@ class SFTDataModule(L.LightningDataModule):
     def batch_sampler(self) -> StepBatchSampler:
         """The training plan for this rank (see :mod:`lit_sft.data.sampler`)."""
         hp, trainer = self.hparams, self.trainer
+        loss_tokens, lengths = self.train_rows["num_loss_tokens"], self.train_rows["length"]
+        if self.train_groups is not None:  # packing: a planned item is a packed group of rows
+            loss_tokens = [sum(loss_tokens[r] for r in g) for g in self.train_groups]
+            lengths = [sum(lengths[r] for r in g) for g in self.train_groups]
         return StepBatchSampler(
-            self.train_rows["num_loss_tokens"], hp.per_device_train_batch_size, hp.gradient_accumulation_steps,
+            loss_tokens, hp.per_device_train_batch_size, hp.gradient_accumulation_steps,
             world_size=self.world_size, rank=trainer.global_rank if trainer is not None else 0, seed=hp.seed,
             shuffle=hp.shuffle, steps_done=(lambda: trainer.global_step) if trainer is not None else None,
+            lengths=lengths, max_tokens_per_micro_batch=hp.max_tokens_per_micro_batch,
         )
 
     @property
@@ -179,12 +240,15 @@ class SFTDataModule(L.LightningDataModule):
             self.setup("fit")
         return self.batch_sampler().steps_per_epoch
 
-    def collator(self) -> PaddingCollator:
+    def collator(self) -> Union[PaddingCollator, PaddingFreeCollator]:
+        """Padding-free concatenation (``padding_free`` or ``packing``) or padding to the longest row."""
+        if self.padding_free:
+            return PaddingFreeCollator()
         return PaddingCollator(self.tokenizer.pad_token_id, self.hparams.pad_to_multiple_of)
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        return DataLoader(_PlannedRows(self.train_rows), batch_sampler=self.batch_sampler(),
+        return DataLoader(_PlannedRows(self.train_rows, self.train_groups), batch_sampler=self.batch_sampler(),
                           collate_fn=self.collator(), num_workers=hp.num_workers,
                           persistent_workers=False, pin_memory=False)
 

@@ -53,6 +53,8 @@ def plan_epoch(
     seed: int,
     epoch: int,
     shuffle: bool = True,
+    lengths: Optional[Sequence[int]] = None,
+    max_tokens_per_micro_batch: Optional[int] = None,
 ) -> list[list[list[tuple[int, bool]]]]:
     """Plan every optimizer step of one epoch.
 
@@ -63,11 +65,16 @@ def plan_epoch(
         world_size: number of data-parallel ranks.
         seed, epoch: the row order is drawn from ``seed + epoch``.
         shuffle: draw a permutation (``True``) or keep dataset order.
+        lengths: tokens of each row; needed with ``max_tokens_per_micro_batch``.
+        max_tokens_per_micro_batch: token budget of a micro-batch. The step's rows (still ``rows_per_step``) are
+            then dealt to ranks by tokens (longest first, to the least-loaded rank) and packed first-fit-decreasing
+            into micro-batches of at most this many tokens, instead of ``micro_batch_size`` rows each.
 
     Returns:
         ``plan[step][rank * G + j]`` is micro-batch ``j`` of ``rank`` as ``[(row, supervised), ...]``, with
-        ``G = ceil(chunks / world_size)`` micro-batches per rank for that step (``gradient_accumulation_steps``
-        except possibly in the last step). Steps hold ``ceil(N / rows_per_step)`` entries.
+        ``G`` micro-batches per rank for that step (``gradient_accumulation_steps`` in row mode, except possibly in
+        the last step; with a token budget, as many as the busiest rank needs). Steps hold
+        ``ceil(N / rows_per_step)`` entries.
 
     Raises:
         ValueError: a non-positive size, or an empty dataset.
@@ -82,6 +89,11 @@ def plan_epoch(
     else:
         order = list(range(n))
     rows_per_step = micro_batch_size * gradient_accumulation_steps * world_size
+    if max_tokens_per_micro_batch is not None:
+        if lengths is None or len(lengths) != n:
+            raise ValueError("a token budget needs the length of every row")
+        return [_token_budget_step(order[start:start + rows_per_step], lengths, world_size,
+                                   max_tokens_per_micro_batch) for start in range(0, n, rows_per_step)]
     plan = []
     for start in range(0, n, rows_per_step):
         rows = order[start:start + rows_per_step]
@@ -97,6 +109,49 @@ def plan_epoch(
                     step.append([(rows[0], False)])
         plan.append(step)
     return plan
+
+
+def _token_budget_step(rows: list[int], lengths: Sequence[int], world_size: int,
+                       budget: int) -> list[list[tuple[int, bool]]]:
+    """One step's micro-batches under a token budget: ``world_size x G`` lists of ``(row, supervised)``.
+
+    Ranks get rows longest-first to the least-loaded rank (balanced tokens, not counts); each rank packs its rows
+    first-fit-decreasing into micro-batches of at most ``budget`` tokens (a longer row goes alone). Ranks then
+    equalise their micro-batch count ``G``: first by splitting their largest multi-row micro-batch, else with a
+    filler (the step's shortest row, fully masked).
+    """
+    by_length = sorted(rows, key=lambda r: (-lengths[r], r))
+    per_rank: list[list[int]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for row in by_length:
+        rank = min(range(world_size), key=lambda k: (load[k], k))
+        per_rank[rank].append(row)
+        load[rank] += lengths[row]
+    packed = []
+    for rank_rows in per_rank:
+        bins: list[list[int]] = []
+        room: list[int] = []
+        for row in rank_rows:  # already longest first
+            for b, free in enumerate(room):
+                if lengths[row] <= free:
+                    bins[b].append(row)
+                    room[b] -= lengths[row]
+                    break
+            else:
+                bins.append([row])
+                room.append(budget - lengths[row])
+        packed.append(bins)
+    g = max(len(bins) for bins in packed)
+    filler = min(rows, key=lambda r: (lengths[r], r))
+    step = []
+    for bins in packed:
+        while len(bins) < g and any(len(b) > 1 for b in bins):
+            big = max((b for b in bins if len(b) > 1), key=lambda b: sum(lengths[r] for r in b))
+            bins.remove(big)
+            bins += [big[0::2], big[1::2]]
+        step += [[(row, True) for row in b] for b in bins]
+        step += [[(filler, False)] for _ in range(g - len(bins))]
+    return step
 
 
 class StepBatchSampler(Sampler[list[MicroBatchItem]]):
@@ -116,6 +171,8 @@ class StepBatchSampler(Sampler[list[MicroBatchItem]]):
         seed: int = 42,
         shuffle: bool = True,
         steps_done: Optional[Callable[[], int]] = None,
+        lengths: Optional[Sequence[int]] = None,
+        max_tokens_per_micro_batch: Optional[int] = None,
     ) -> None:
         self.num_loss_tokens = list(num_loss_tokens)
         self.micro_batch_size = micro_batch_size
@@ -123,6 +180,8 @@ class StepBatchSampler(Sampler[list[MicroBatchItem]]):
         self.world_size, self.rank = world_size, rank
         self.seed, self.shuffle = seed, shuffle
         self.steps_done = steps_done or (lambda: 0)
+        self.lengths = list(lengths) if lengths is not None else None
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.epoch = 0
         # Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler``, not on the batch sampler itself.
         self.sampler = self
@@ -136,7 +195,8 @@ class StepBatchSampler(Sampler[list[MicroBatchItem]]):
 
     def _plan(self) -> list[list[list[tuple[int, bool]]]]:
         return plan_epoch(self.num_loss_tokens, self.micro_batch_size, self.gradient_accumulation_steps,
-                          self.world_size, self.seed, self.epoch, self.shuffle)
+                          self.world_size, self.seed, self.epoch, self.shuffle, self.lengths,
+                          self.max_tokens_per_micro_batch)
 
     def __iter__(self) -> Iterator[list[MicroBatchItem]]:
         skip = max(0, self.steps_done() - self.epoch * self.steps_per_epoch)
