@@ -26,7 +26,7 @@ losses = list(zip(trl["loss"], [r["train/loss"] for r in lit]))
 rel = [abs(a - b) / abs(a) for a, b in losses]
 print("STEP  trl_loss  lit_loss  rel_diff  trl_tokens  lit_tokens")
 for i, ((a, b), d) in enumerate(zip(losses, rel)):
-    print(f"{i + 1:4d}  {a:8.4f}  {b:8.4f}  {d:8.2e}  {trl['tokens'][i]:10d}  {int(lit[i]['train/num_tokens']):10d}")
+    print(f"{i + 1:4d}  {a:8.4f}  {b:8.4f}  {d:8.2e}  {int(trl['tokens'][i]):10d}  {int(lit[i]['train/num_tokens']):10d}")
 summary = {
     "trl_tokens_per_s": trl_tps, "lit_tokens_per_s": lit_tps, "speedup": lit_tps / trl_tps,
     "lit_mfu": lit_mfu, "trl_mfu_same_flops": lit_mfu * trl_tps / lit_tps,

@@ -8,7 +8,7 @@ set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0 WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export SHARED_DATA=$PWD/.device-data/data
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/bench
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/bench; rm -rf /tmp/bench/lit_sft_* /tmp/bench/*_steps.jsonl
 python3 -c "import torch, inspect; from torch.nn.attention import varlen; print('torch', torch.__version__, 'varlen_attn', inspect.signature(varlen.varlen_attn))" || true
 python3 - <<'PY' || true
 # Probe: PyTorch's varlen attention (fwd + bwd) equals per-row causal SDPA on packed rows of random data.
@@ -34,7 +34,7 @@ if [ "${SKIP_TRL:-0}" != 1 ]; then
     .device-data/tools/trl_reference.py .device-data/data/r1_traces_mmlu_pro.jsonl /tmp/bench > "$OUT/trl.log" 2>&1
   cp /tmp/bench/trl_result.json "$OUT/trl_result.json"
 fi
-t1=$(date +%s); echo "TRL reference: $((t1-t0)) s"; grep RESULT "$OUT/trl.log" | cut -c1-400
+t1=$(date +%s); echo "TRL reference: $((t1-t0)) s"; grep RESULT "$OUT/trl.log" 2>/dev/null | cut -c1-400 || true
 python3 - <<'PY'
 import json
 from datasets import Dataset

@@ -107,6 +107,7 @@ class SFTModule(L.LightningModule):
             padding_free=bool(getattr(datamodule, "padding_free", False)),
         )
         self.model.config.use_cache = False
+        self.model.train()  # from_pretrained returns eval mode, and Lightning keeps submodules' modes as they are
         if hp.gradient_checkpointing:
             kwargs = hp.gradient_checkpointing_kwargs or {"use_reentrant": False}
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
