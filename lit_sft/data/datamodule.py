@@ -46,6 +46,19 @@ class _PlannedRows(Dataset):
         return self._row(item)
 
 
+class _StepLoader(DataLoader):
+    """The training ``DataLoader``. Its position is a function of ``trainer.global_step`` (the sampler skips the
+    steps already taken, see :mod:`lit_sft.data.sampler`), so it resumes mid-epoch with no state of its own; the
+    ``state_dict``/``load_state_dict`` pair tells Lightning so (Lightning otherwise warns on a mid-epoch resume that
+    the loader is not resumable, comparing optimizer steps with its count of micro-batches)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
 def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
     """Best-fit-decreasing packing of rows into groups of at most ``max_length`` tokens (TRL's ``bfd`` strategy).
 
@@ -248,9 +261,9 @@ class SFTDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        return DataLoader(_PlannedRows(self.train_rows, self.train_groups), batch_sampler=self.batch_sampler(),
-                          collate_fn=self.collator(), num_workers=hp.num_workers,
-                          persistent_workers=False, pin_memory=False)
+        return _StepLoader(_PlannedRows(self.train_rows, self.train_groups), batch_sampler=self.batch_sampler(),
+                           collate_fn=self.collator(), num_workers=hp.num_workers,
+                           persistent_workers=False, pin_memory=False)
 
     def val_dataloader(self) -> Any:
         if not self.hparams.do_eval:
