@@ -55,3 +55,43 @@ def backward_scale(step_loss_tokens: int, world_size: int) -> float:
     if step_loss_tokens <= 0:
         raise ValueError(f"an optimizer step with {step_loss_tokens} supervised tokens cannot be normalised")
     return world_size / step_loss_tokens
+
+
+def chunked_token_loss_sum(hidden_states: Tensor, lm_head: torch.nn.Module, labels: Tensor,
+                           chunk_size: int = 4096) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`token_loss_sum` without materialising the ``[B, T, V]`` logits.
+
+    The shifted positions are processed ``chunk_size`` tokens at a time; each chunk's projection + cross-entropy is
+    wrapped in ``torch.utils.checkpoint``, so the backward pass recomputes that chunk's logits instead of keeping
+    them: peak logits memory is ``chunk_size x V`` instead of ``B x T x V``. Calling ``lm_head`` as a module keeps
+    ZeRO-3's parameter gathering working. Used when Liger's fused kernel is not (CPU, ``use_liger_kernel: false``).
+
+    Args:
+        hidden_states: ``[B, T, H]`` final hidden states (after the last norm).
+        lm_head: the output projection ``H -> V``.
+        labels: ``[B, T]`` long, ``IGNORE_INDEX`` where unsupervised.
+        chunk_size: positions per chunk.
+
+    Returns:
+        ``(loss_sum, num_tokens, num_correct)`` as :func:`token_loss_sum`.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    h = hidden_states[:, :-1].flatten(0, 1)
+    targets = labels[:, 1:].flatten()
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(-1)  # unsupervised positions never reach lm_head
+    h, targets = h.index_select(0, keep), targets.index_select(0, keep)
+
+    def chunk_loss(h_chunk: Tensor, t_chunk: Tensor) -> tuple[Tensor, Tensor]:
+        logits = lm_head(h_chunk).float()
+        loss = F.cross_entropy(logits, t_chunk, reduction="sum")
+        return loss, (logits.argmax(-1) == t_chunk).sum()
+
+    loss_sum = hidden_states.new_zeros((), dtype=torch.float32)
+    num_correct = torch.zeros((), dtype=torch.long, device=hidden_states.device)
+    for start in range(0, h.shape[0], chunk_size):
+        loss, correct = checkpoint(chunk_loss, h[start:start + chunk_size], targets[start:start + chunk_size],
+                                   use_reentrant=False)
+        loss_sum = loss_sum + loss
+        num_correct = num_correct + correct
+    return loss_sum, torch.as_tensor(keep.numel(), device=hidden_states.device), num_correct

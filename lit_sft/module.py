@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from lit_sft.loss import backward_scale, token_loss_sum
+from lit_sft.loss import backward_scale, chunked_token_loss_sum
 from lit_sft.metrics import StepMetrics, device_peak_flops, matmul_params, training_flops
 from lit_sft.modeling import apply_liger_kernels, build_causal_lm
 from lit_sft.optim import adamw, lr_scheduler
@@ -51,6 +51,9 @@ class SFTModule(L.LightningModule):
         weight_decay: AdamW weight decay on matrices (transformers' default: 0).
         adam_beta1, adam_beta2, adam_epsilon: AdamW constants (transformers' defaults).
         max_grad_norm: clip the global gradient norm to this (transformers' default: 1.0; 0 or ``None``: no clip).
+        loss_chunk_size: positions per chunk of the chunked cross-entropy (the path without Liger).
+        mfu_peak_tflops: one device's peak TFLOP/s for the MFU metric; default: the device's dense bf16 datasheet
+            rate (``lit_sft.metrics.PEAK_BF16_TFLOPS``), none on CPU.
     """
 
     def __init__(
@@ -73,6 +76,8 @@ class SFTModule(L.LightningModule):
         adam_beta2: float = 0.999,
         adam_epsilon: float = 1e-8,
         max_grad_norm: Optional[float] = 1.0,
+        loss_chunk_size: int = 4096,
+        mfu_peak_tflops: Optional[float] = None,
     ) -> None:
         super().__init__()
         if model_name_or_path is None and not (model_config or {}).get("model_type"):
@@ -115,7 +120,8 @@ class SFTModule(L.LightningModule):
         self._flops_args = (matmul_params(self.model), self.model.config.num_hidden_layers, self.model.config.hidden_size)
 
     def on_fit_start(self) -> None:
-        self.step_metrics.peak_flops = device_peak_flops(self.device)
+        peak = self.hparams.mfu_peak_tflops
+        self.step_metrics.peak_flops = peak * 1e12 if peak else device_peak_flops(self.device)
         self.step_metrics.world_size = self.trainer.world_size
 
     @staticmethod
@@ -137,14 +143,17 @@ class SFTModule(L.LightningModule):
 
         With Liger's fused linear cross-entropy the model computes the loss itself without logits; passing
         ``num_items_in_batch=1`` makes transformers/Liger return the sum (they divide the summed loss by it).
+        Otherwise the base model's hidden states go through :func:`lit_sft.loss.chunked_token_loss_sum`, which
+        never holds more than ``loss_chunk_size`` positions of logits.
         """
         labels = batch["labels"]
         packed = {k: batch[k] for k in _PADDING_FREE_KEYS if k in batch}
         if self.fused_loss:
             out = self(batch["input_ids"], batch.get("attention_mask"), labels=labels, num_items_in_batch=1, **packed)
             return out.loss.float(), (labels[:, 1:] != -100).sum(), None
-        out = self(batch["input_ids"], batch.get("attention_mask"), **packed)
-        return token_loss_sum(out.logits, labels)
+        hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                       use_cache=False, **packed).last_hidden_state
+        return chunked_token_loss_sum(hidden, self.model.get_output_embeddings(), labels, self.hparams.loss_chunk_size)
 
     # -- training ------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
