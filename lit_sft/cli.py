@@ -12,12 +12,13 @@ import os
 import re
 from typing import Any, Literal, Optional
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_sft.data.datamodule import SFTDataModule
+from lit_sft.checkpoint import SFTCheckpoint
 from lit_sft.export import HFExport
+from lit_sft.loggers import build_loggers
 from lit_sft.module import SFTModule
 
 CHECKPOINT_DIR = "checkpoints"
@@ -80,23 +81,6 @@ def run_args(
     """
 
 
-def _loggers(args: dict[str, Any]) -> list[Any]:
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    loggers, out = [], args["output_dir"]
-    for name in args["report_to"]:
-        if name == "wandb":
-            from lightning.pytorch.loggers import WandbLogger
-
-            os.makedirs(out, exist_ok=True)
-            loggers.append(WandbLogger(name=args["run_name"], project=args["wandb_project"], save_dir=out))
-        elif name == "csv":
-            loggers.append(CSVLogger(out, name="logs", version=args["run_name"] or ""))
-        elif name == "tensorboard":
-            loggers.append(TensorBoardLogger(out, name="logs", version=args["run_name"] or ""))
-    return loggers
-
-
 class SFTCLI(LightningCLI):
     """LightningCLI with the recipe's run keys at the top level (see :func:`run_args`)."""
 
@@ -122,23 +106,41 @@ class SFTCLI(LightningCLI):
         if args["save_strategy"] != "no":
             every = {"every_n_train_steps": args["save_steps"]} if args["save_strategy"] == "steps" else {"every_n_epochs": 1}
             limit = args["save_total_limit"]
-            callbacks.append(ModelCheckpoint(
+            callbacks.append(SFTCheckpoint(
                 dirpath=os.path.join(out, CHECKPOINT_DIR), filename="step-{step:06d}", auto_insert_metric_name=False,
                 monitor="step", mode="max", save_top_k=-1 if limit is None else limit, **every))
+        else:
+            kwargs["enable_checkpointing"] = False
         callbacks.append(HFExport(out, args["push_to_hub"], args["hub_model_id"], args["hub_strategy"],
                                   args["hub_private_repo"], args["save_steps"], args["export_dtype"]))
         kwargs["callbacks"] = callbacks
         kwargs.setdefault("default_root_dir", out)
         if self._get(self.config_init, "trainer.logger") in (None, True):
-            loggers = _loggers(args)
+            resume = self.resume_checkpoint()
+            match = _STEP_RE.search(resume or "")
+            loggers = build_loggers(args["report_to"], out, args["run_name"], args["wandb_project"],
+                                    int(match.group(1)) if match else None)
             kwargs["logger"] = loggers or False
         return super().instantiate_trainer(**kwargs)
+
+    def resume_checkpoint(self) -> Optional[str]:
+        """The checkpoint this ``fit`` resumes from: ``ckpt_path`` if given, else per ``run.resume_from_checkpoint``
+        (``auto``: the newest complete one in ``output_dir/checkpoints``)."""
+        if self.subcommand != "fit":
+            return None
+        args = self._run()
+        given = self.config[self.subcommand].get("ckpt_path")
+        if given or not args["resume_from_checkpoint"]:
+            return given
+        if args["resume_from_checkpoint"] == "auto":
+            return latest_checkpoint(args["output_dir"])
+        return args["resume_from_checkpoint"]
 
     def before_fit(self) -> None:
         args, fit = self._run(), self.config_init["fit"]
         out = args["output_dir"]
-        if fit.get("ckpt_path") is None and args["resume_from_checkpoint"]:
-            ckpt = latest_checkpoint(out) if args["resume_from_checkpoint"] == "auto" else args["resume_from_checkpoint"]
+        if fit.get("ckpt_path") is None:
+            ckpt = self.resume_checkpoint()
             if ckpt:
                 rank_zero_info(f"Checkpoint detected, resuming training at {ckpt}")
                 fit["ckpt_path"] = ckpt
@@ -151,7 +153,7 @@ class SFTCLI(LightningCLI):
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``lit_sft`` console script."""
     SFTCLI(SFTModule, SFTDataModule, args=args, save_config_kwargs={"overwrite": True},
-           auto_configure_optimizers=False)
+           auto_configure_optimizers=False, parser_kwargs={"allow_abbrev": False})
 
 
 if __name__ == "__main__":
