@@ -15,6 +15,8 @@ by the tokens it actually holds.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -58,7 +60,7 @@ def backward_scale(step_loss_tokens: int, world_size: int) -> float:
 
 
 def chunked_token_loss_sum(hidden_states: Tensor, lm_head: torch.nn.Module, labels: Tensor,
-                           chunk_size: int = 4096) -> tuple[Tensor, Tensor, Tensor]:
+                           chunk_size: int = 4096, num_chunks: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`token_loss_sum` without materialising the ``[B, T, V]`` logits.
 
     The shifted positions are processed ``chunk_size`` tokens at a time; each chunk's projection + cross-entropy is
@@ -71,9 +73,17 @@ def chunked_token_loss_sum(hidden_states: Tensor, lm_head: torch.nn.Module, labe
         lm_head: the output projection ``H -> V``.
         labels: ``[B, T]`` long, ``IGNORE_INDEX`` where unsupervised.
         chunk_size: positions per chunk.
+        num_chunks: how many times to call ``lm_head`` (chunks past the supervised positions are empty). Under
+            ZeRO-3 each call gathers ``lm_head``'s weight collectively, so every rank must make the same number of
+            calls: the caller passes the maximum over ranks. Default: as many as this micro-batch needs, and at least
+            one, so that a micro-batch without supervised tokens (a planner's filler) still returns a zero loss
+            inside the autograd graph (DDP and DeepSpeed back-propagate it like any other).
 
     Returns:
         ``(loss_sum, num_tokens, num_correct)`` as :func:`token_loss_sum`.
+
+    Raises:
+        ValueError: ``num_chunks`` is smaller than the chunks the supervised positions need.
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -89,7 +99,10 @@ def chunked_token_loss_sum(hidden_states: Tensor, lm_head: torch.nn.Module, labe
 
     loss_sum = hidden_states.new_zeros((), dtype=torch.float32)
     num_correct = torch.zeros((), dtype=torch.long, device=hidden_states.device)
-    for start in range(0, h.shape[0], chunk_size):
+    needed = max(1, -(-h.shape[0] // chunk_size))
+    if num_chunks is not None and num_chunks < needed:
+        raise ValueError(f"num_chunks={num_chunks} cannot hold {h.shape[0]} positions in chunks of {chunk_size}")
+    for start in range(0, (num_chunks or needed) * chunk_size, chunk_size):
         loss, correct = checkpoint(chunk_loss, h[start:start + chunk_size], targets[start:start + chunk_size],
                                    use_reentrant=False)
         loss_sum = loss_sum + loss

@@ -153,7 +153,11 @@ class SFTModule(L.LightningModule):
             return out.loss.float(), (labels[:, 1:] != -100).sum(), None
         hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                        use_cache=False, **packed).last_hidden_state
-        return chunked_token_loss_sum(hidden, self.model.get_output_embeddings(), labels, self.hparams.loss_chunk_size)
+        chunk, num_chunks = self.hparams.loss_chunk_size, None
+        if self.zero3 and self.trainer.world_size > 1:  # ZeRO-3 gathers lm_head at each call: same count on all ranks
+            mine = torch.tensor(max(1, -(-int((labels[:, 1:] != -100).sum()) // chunk)), device=hidden.device)
+            num_chunks = int(self.trainer.strategy.reduce(mine, reduce_op="max"))
+        return chunked_token_loss_sum(hidden, self.model.get_output_embeddings(), labels, chunk, num_chunks)
 
     # -- training ------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:

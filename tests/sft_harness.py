@@ -135,18 +135,27 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 def fit_lit_sft(model_dir: str, data_path: str, micro_batch_size: int, accumulation: int, max_steps: int,
                 devices: int = 1, strategy: Any = "auto", max_grad_norm: Optional[float] = None,
                 gradient_checkpointing: bool = False, callbacks: Sequence[Any] = (), lr: float = LR,
-                eps: float = EPS) -> tuple[Any, Any]:
-    """Train with lit_sft through a real Lightning ``Trainer`` (fp32, CPU, rows in file order, constant LR)."""
+                eps: float = EPS, module_kwargs: Optional[dict[str, Any]] = None,
+                **data_kwargs: Any) -> tuple[Any, Any]:
+    """Train with lit_sft through a real Lightning ``Trainer`` (fp32, CPU, rows in file order, constant LR).
+
+    ``module_kwargs`` go to ``SFTModule`` (e.g. ``loss_chunk_size``), ``data_kwargs`` to ``SFTDataModule`` (e.g.
+    ``padding_free``, ``max_tokens_per_micro_batch``); padding-free batches use lit_sft's row-isolating attention,
+    padded ones ``sdpa``.
+    """
     import lightning as L
 
     from lit_sft import SFTDataModule, SFTModule
 
     datamodule = SFTDataModule(data_path, tokenizer_name_or_path=TOKENIZER, max_length=None, shuffle=False,
                                per_device_train_batch_size=micro_batch_size,
-                               gradient_accumulation_steps=accumulation, num_workers=0)
-    module = SFTModule(model_dir, torch_dtype="float32", attn_implementation="sdpa",
+                               gradient_accumulation_steps=accumulation, num_workers=0, **data_kwargs)
+    padding_free = data_kwargs.get("padding_free") or data_kwargs.get("packing")
+    attention = "lit_sft_varlen" if padding_free else "sdpa"
+    module = SFTModule(model_dir, torch_dtype="float32", attn_implementation=attention,
                        gradient_checkpointing=gradient_checkpointing, learning_rate=lr, lr_scheduler_type="constant",
-                       lr_scheduler_kwargs={}, warmup_ratio=0.0, adam_epsilon=eps, max_grad_norm=max_grad_norm)
+                       lr_scheduler_kwargs={}, warmup_ratio=0.0, adam_epsilon=eps, max_grad_norm=max_grad_norm,
+                       **(module_kwargs or {}))
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, precision="32-true",
                         max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False, callbacks=list(callbacks))

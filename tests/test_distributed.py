@@ -55,23 +55,32 @@ def test_ranks_hold_very_different_token_counts(setup):
 def test_per_rank_token_mean_would_be_caught(setup):
     """Averaging the ranks' own token means (what DDP gives a per-rank-normalised loss) moves the parameters far
     beyond the tolerance: the comparisons below can see a wrong normalisation."""
-    naive, _ = reference_adamw(setup["model_dir"], rank_rows(setup["ids"]),
-                               loss=lambda model, ranks: torch.stack([global_token_mean(model, r) for r in ranks]).mean())
+    def mean_of_rank_means(model, ranks):
+        return torch.stack([global_token_mean(model, rows) for rows in ranks]).mean()
+
+    naive, _ = reference_adamw(setup["model_dir"], rank_rows(setup["ids"]), loss=mean_of_rank_means)
     gap = max_abs_diff(naive, setup["reference"])
     print(f"per-rank token means: max |param - reference| = {gap:.3e}")
     assert gap > 1000 * TOL
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
-def test_two_processes_equal_single_process(setup, strategy):
-    out = setup["tmp"] / strategy
+@pytest.mark.parametrize("strategy,extra", [
+    ("ddp", ()), ("zero2", ()),
+    # padding-free micro-batches of <= 128 tokens (a longer row goes alone): rows are dealt to ranks by tokens;
+    # step 1 is rank 0: [203-token row] + a filler, rank 1: [94 + 29 tokens], [26 tokens]
+    ("ddp", ("--padding-free", "--max-tokens-per-micro-batch", "128")),
+], ids=["ddp", "zero2", "ddp-token-budget"])
+def test_two_processes_equal_single_process(setup, strategy, extra):
+    out = setup["tmp"] / (strategy + "".join(extra))
     run_script("tests/scripts/sft_run.py", "--model-dir", setup["model_dir"], "--data", setup["data"], "--out",
-               str(out), "--strategy", strategy, "--devices", "2", "--micro", "1", "--accum", "2", "--max-steps", "2")
+               str(out), "--strategy", strategy, "--devices", "2", "--micro", "1", "--accum", "2", "--max-steps", "2",
+               *extra)
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2 and report["global_step"] == 2
     assert report["last_step_metrics"]["train/num_loss_tokens"] == sum(len(r) - 1 for r in setup["ids"][4:])
     params = torch.load(os.path.join(out, "params.pt"))
     to_single, to_reference = max_abs_diff(params, setup["single"]), max_abs_diff(params, setup["reference"])
-    print(f"{strategy} x2: max |param diff| vs single process = {to_single:.3e}, vs plain PyTorch = {to_reference:.3e}")
+    print(f"{strategy} {' '.join(extra)} x2: max |param diff| vs single process = {to_single:.3e}, "
+          f"vs plain PyTorch = {to_reference:.3e}")
     assert to_single < TOL and to_reference < TOL

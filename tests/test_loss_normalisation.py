@@ -43,10 +43,10 @@ def setup(tmp_path_factory):
                 ref_grad=ref_grads[0])
 
 
-def _run(setup, micro, accum, max_grad_norm=None):
+def _run(setup, micro, accum, max_grad_norm=None, **kwargs):
     recorder = GradRecorder()
     trainer, module = fit_lit_sft(setup["model_dir"], setup["data"], micro, accum, max_steps=1,
-                                  max_grad_norm=max_grad_norm, callbacks=[recorder])
+                                  max_grad_norm=max_grad_norm, callbacks=[recorder], **kwargs)
     assert trainer.global_step == 1 and len(recorder.grads) == 1
     return module, recorder.grads[0]
 
@@ -63,12 +63,19 @@ def test_rows_have_very_different_token_counts(setup):
     assert max(counts) > 5 * min(counts), counts
 
 
-@pytest.mark.parametrize("micro,accum", [(4, 1), (1, 4), (2, 2)])
-def test_one_step_equals_full_batch_token_mean(setup, micro, accum):
-    module, grad = _run(setup, micro, accum)
+# Padding-free batches concatenate a micro-batch's rows; with a token budget the step's 4 rows are packed into
+# micro-batches of <= 256 tokens ([long + short], [medium + short] here) instead of a fixed row count.
+@pytest.mark.parametrize("micro,accum,kwargs", [
+    (4, 1, {}), (1, 4, {}), (2, 2, {}),
+    (2, 2, {"padding_free": True}),
+    (2, 2, {"padding_free": True, "max_tokens_per_micro_batch": 256}),
+    (2, 2, {"module_kwargs": {"loss_chunk_size": 16}}),  # the chunked cross-entropy over many chunks
+], ids=["4x1", "1x4", "2x2", "2x2-padding-free", "token-budget", "2x2-loss-chunks-16"])
+def test_one_step_equals_full_batch_token_mean(setup, micro, accum, kwargs):
+    module, grad = _run(setup, micro, accum, **kwargs)
     grad_diff = max_abs_diff(grad, setup["ref_grad"])
     param_diff = max_abs_diff(model_params(module), setup["ref_params"])
-    print(f"{micro}x{accum}: max |grad - ref| = {grad_diff:.3e}, max |param - ref| = {param_diff:.3e}")
+    print(f"{micro}x{accum} {kwargs}: max |grad - ref| = {grad_diff:.3e}, max |param - ref| = {param_diff:.3e}")
     assert grad_diff < TOL and param_diff < TOL
     # the step did move the weights (a zero learning rate would pass the comparison trivially)
     initial = {n: p.detach() for n, p in load_model(setup["model_dir"]).named_parameters()}
@@ -113,3 +120,32 @@ def test_clipping_equals_clip_grad_norm_on_reference_gradient(setup):
     assert grad_diff < TOL and param_diff < TOL
     assert module.last_step_metrics["train/grad_norm"] == pytest.approx(norm, rel=1e-6)
     assert max_abs_diff(ref_grads[0], setup["ref_grad"]) > 1000 * TOL  # clipping changed the gradient
+
+
+def test_chunked_loss_keeps_fillers_in_the_graph_and_pads_chunks():
+    """A filler micro-batch (no supervised token) must still back-propagate (DDP and DeepSpeed need a graph on every
+    rank), and ``num_chunks`` (ZeRO-3: the same ``lm_head`` call count on every rank) must not change the loss."""
+    from lit_sft.loss import chunked_token_loss_sum
+
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(8, 50, bias=False)
+    calls = []
+    lm_head.register_forward_hook(lambda *_: calls.append(1))
+    hidden = torch.randn(2, 7, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 7))
+    labels[0, :4] = -100
+
+    filler, n, _ = chunked_token_loss_sum(hidden, lm_head, torch.full_like(labels, -100), chunk_size=4)
+    assert n == 0 and filler.item() == 0.0 and filler.grad_fn is not None and len(calls) == 1
+    filler.backward()
+    assert hidden.grad.abs().max() == 0 and lm_head.weight.grad.abs().max() == 0
+
+    logits = lm_head(hidden)[:, :-1].flatten(0, 1)
+    want = torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+    calls.clear()
+    default, _, _ = chunked_token_loss_sum(hidden, lm_head, labels, chunk_size=4)  # 9 targets: 3 chunks
+    padded, _, _ = chunked_token_loss_sum(hidden, lm_head, labels, chunk_size=4, num_chunks=5)
+    assert calls == [1] * 8
+    assert torch.allclose(default, want, rtol=1e-6) and torch.equal(default, padded)
+    with pytest.raises(ValueError, match="num_chunks=2"):
+        chunked_token_loss_sum(hidden, lm_head, labels, chunk_size=4, num_chunks=2)

@@ -2,7 +2,9 @@
 
 One run (``tests/scripts/sft_run.py``) of ``SFTModule(model_name_or_path=<tiny Qwen2 folder>, torch_dtype="float32")``
 under ``CPUDeepSpeedStrategy(zero_stage=3)`` with gradient checkpointing, 2 ranks x micro-batch 1 x accumulation 2,
-2 optimizer steps on rows of very different lengths, ``lit_sft.export.HFExport`` at the end. Checked here:
+2 optimizer steps on rows of very different lengths, ``lit_sft.export.HFExport`` at the end. The loss runs in chunks
+of 64 positions, so the ranks need different numbers of ``lm_head`` calls (rank 0: up to 4, rank 1: 1, and an empty
+one for its filler micro-batch in the short last step), each a collective gather under ZeRO-3. Checked here:
 
 * loading: right after ``configure_model`` every parameter is partitioned (size 0 locally, a shard on each rank) and
   ``deepspeed.zero.GatheredParameters`` gives exactly the file's weights;
@@ -38,7 +40,7 @@ def run(tmp_path_factory):
     out, export = tmp / "run", tmp / "export"
     run_script("tests/scripts/sft_run.py", "--model-dir", model_dir, "--data", str(tmp / "rows.jsonl"), "--out",
                str(out), "--strategy", "zero3", "--devices", "2", "--micro", "1", "--accum", "2", "--max-steps", "2",
-               "--gradient-checkpointing", "--check-load", "--export-dir", str(export))
+               "--gradient-checkpointing", "--loss-chunk-size", "64", "--check-load", "--export-dir", str(export))
     return dict(tmp=tmp, data=str(tmp / "rows.jsonl"), model_dir=model_dir, ids=token_ids(rows),
                 report=json.loads((out / "report.json").read_text()), params=torch.load(out / "params.pt"),
                 export=str(export))

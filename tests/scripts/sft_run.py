@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--accum", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--padding-free", action="store_true")
+    parser.add_argument("--loss-chunk-size", type=int)
+    parser.add_argument("--max-tokens-per-micro-batch", type=int)
     parser.add_argument("--check-load", action="store_true")
     parser.add_argument("--export-dir")
     args = parser.parse_args()
@@ -100,9 +103,13 @@ def main() -> None:
     callbacks = [c for c in (check, SaveParameters(args.out)) if c is not None]
     if args.export_dir:
         callbacks.append(HFExport(args.export_dir))
+    module_kwargs = {"loss_chunk_size": args.loss_chunk_size} if args.loss_chunk_size else None
     trainer, module = fit_lit_sft(args.model_dir, args.data, args.micro, args.accum, args.max_steps,
                                   devices=args.devices, strategy=strategy,
-                                  gradient_checkpointing=args.gradient_checkpointing, callbacks=callbacks)
+                                  gradient_checkpointing=args.gradient_checkpointing, callbacks=callbacks,
+                                  module_kwargs=module_kwargs,
+                                  padding_free=args.padding_free,
+                                  max_tokens_per_micro_batch=args.max_tokens_per_micro_batch)
     if trainer.is_global_zero:
         report = {"world_size": trainer.world_size, "global_step": trainer.global_step,
                   "last_step_metrics": module.last_step_metrics, "load": check.report if check else None}
