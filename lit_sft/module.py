@@ -142,15 +142,20 @@ class SFTModule(L.LightningModule):
         """Summed token loss of a micro-batch: ``(loss_sum, num_loss_tokens, num_correct or None)``.
 
         With Liger's fused linear cross-entropy the model computes the loss itself without logits; passing
-        ``num_items_in_batch=1`` makes transformers/Liger return the sum (they divide the summed loss by it).
+        ``num_items_in_batch=1`` makes transformers/Liger return the sum (they divide the summed loss by it), and
+        ``return_token_accuracy=True`` makes Liger count argmax hits in the same pass.
         Otherwise the base model's hidden states go through :func:`lit_sft.loss.chunked_token_loss_sum`, which
         never holds more than ``loss_chunk_size`` positions of logits.
         """
         labels = batch["labels"]
         packed = {k: batch[k] for k in _PADDING_FREE_KEYS if k in batch}
         if self.fused_loss:
-            out = self(batch["input_ids"], batch.get("attention_mask"), labels=labels, num_items_in_batch=1, **packed)
-            return out.loss.float(), (labels[:, 1:] != -100).sum(), None
+            out = self(batch["input_ids"], batch.get("attention_mask"), labels=labels, num_items_in_batch=1,
+                       return_token_accuracy=True, **packed)
+            num_loss_tokens = (labels[:, 1:] != -100).sum()
+            accuracy = getattr(out, "token_accuracy", None)  # Liger: correct / supervised, without logits
+            num_correct = None if accuracy is None else (accuracy.detach().float() * num_loss_tokens).round().long()
+            return out.loss.float(), num_loss_tokens, num_correct
         hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                        use_cache=False, **packed).last_hidden_state
         chunk, num_chunks = self.hparams.loss_chunk_size, None
