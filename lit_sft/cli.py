@@ -104,7 +104,8 @@ class SFTCLI(LightningCLI):
         out = args["output_dir"]
         callbacks = list(kwargs.pop("callbacks", None) or self._get(self.config_init, "trainer.callbacks") or [])
         if args["save_strategy"] != "no":
-            every = {"every_n_train_steps": args["save_steps"]} if args["save_strategy"] == "steps" else {"every_n_epochs": 1}
+            steps = args["save_strategy"] == "steps"
+            every = {"every_n_train_steps": args["save_steps"]} if steps else {"every_n_epochs": 1}
             limit = args["save_total_limit"]
             callbacks.append(SFTCheckpoint(
                 dirpath=os.path.join(out, CHECKPOINT_DIR), filename="step-{step:06d}", auto_insert_metric_name=False,

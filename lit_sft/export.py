@@ -59,8 +59,12 @@ def model_card(module: L.LightningModule, datamodule: Any, metrics: dict[str, fl
 
     mh, dh = dict(module.hparams), dict(getattr(datamodule, "hparams", {}) or {})
     base = mh.get("model_name_or_path")
-    data = ModelCardData(base_model=base if base and not os.path.exists(base) else None,
-                         datasets=[dh["dataset_name"]] if dh.get("dataset_name") and not os.path.exists(dh["dataset_name"]) else None,
+    dataset = dh.get("dataset_name")
+
+    def hub_id(name: Any) -> Optional[str]:  # local paths are not hub ids: keep them out of the card's metadata
+        return name if name and not os.path.exists(name) else None
+
+    data = ModelCardData(base_model=hub_id(base), datasets=[hub_id(dataset)] if hub_id(dataset) else None,
                          library_name="transformers", tags=["lit_sft", "sft"], pipeline_tag="text-generation")
     keys = ["learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio", "weight_decay",
             "max_grad_norm", "torch_dtype", "gradient_checkpointing", "use_liger_kernel"]

@@ -99,7 +99,8 @@ def build_causal_lm(
         hf_ds_config = HfDeepSpeedConfig(zero3_config)
     if torch_dtype not in _DTYPES:
         raise ValueError(f"model.torch_dtype={torch_dtype!r}: use one of {sorted(_DTYPES)}")
-    kwargs = dict(dtype=_DTYPES[torch_dtype], attn_implementation=resolve_attn_implementation(attn_implementation, padding_free))
+    attn = resolve_attn_implementation(attn_implementation, padding_free)
+    kwargs = dict(dtype=_DTYPES[torch_dtype], attn_implementation=attn)
     config = load_config(model_name_or_path, revision, model_config)
     if random_init or model_name_or_path is None:
         model = AutoModelForCausalLM.from_config(config, **kwargs)

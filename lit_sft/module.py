@@ -117,7 +117,8 @@ class SFTModule(L.LightningModule):
             kwargs = hp.gradient_checkpointing_kwargs or {"use_reentrant": False}
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.fused_loss = apply_liger_kernels(self.model, hp.use_liger_kernel)
-        self._flops_args = (matmul_params(self.model), self.model.config.num_hidden_layers, self.model.config.hidden_size)
+        config = self.model.config
+        self._flops_args = (matmul_params(self.model), config.num_hidden_layers, config.hidden_size)
 
     def on_fit_start(self) -> None:
         peak = self.hparams.mfu_peak_tflops
@@ -151,7 +152,7 @@ class SFTModule(L.LightningModule):
         packed = {k: batch[k] for k in _PADDING_FREE_KEYS if k in batch}
         if self.fused_loss:
             out = self(batch["input_ids"], batch.get("attention_mask"), labels=labels, num_items_in_batch=1,
-                       return_token_accuracy=True, **packed)
+                       return_token_accuracy=True, skip_logits=True, **packed)  # fused in evaluation too
             num_loss_tokens = (labels[:, 1:] != -100).sum()
             accuracy = getattr(out, "token_accuracy", None)  # Liger: correct / supervised, without logits
             num_correct = None if accuracy is None else (accuracy.detach().float() * num_loss_tokens).round().long()

@@ -120,7 +120,8 @@ def load_split(
     if os.path.isfile(dataset_name):
         builder = _FILE_BUILDERS.get(os.path.splitext(dataset_name)[1])
         if builder is None:
-            raise ValueError(f"data.dataset_name={dataset_name!r}: unsupported file type (use {sorted(_FILE_BUILDERS)})")
+            raise ValueError(f"data.dataset_name={dataset_name!r}: unsupported file type "
+                             f"(use {sorted(_FILE_BUILDERS)})")
         loaded = datasets.load_dataset(builder, data_files={"train": dataset_name})
     elif os.path.isdir(dataset_name) and os.path.exists(os.path.join(dataset_name, "dataset_dict.json")):
         loaded = datasets.load_from_disk(dataset_name)
