@@ -114,6 +114,7 @@ def check_isolates_rows(attn_implementation: Optional[str]) -> None:
     if attn_implementation not in ISOLATING_BACKENDS:
         raise ValueError(
             f"model.attn_implementation={attn_implementation!r} cannot be shown to keep the rows of a padding-free "
-            f"batch apart (attention would cross rows); use one of {list(ISOLATING_BACKENDS)} or set "
-            "data.padding_free: false"
+            f"batch apart (attention would cross rows), which data.padding_free and data.packing need; use "
+            f"model.attn_implementation: {VARLEN} (PyTorch's varlen attention) or one of {list(ISOLATING_BACKENDS)}, "
+            "or set data.padding_free: false and data.packing: false"
         )

@@ -137,9 +137,22 @@ class SFTCLI(LightningCLI):
             return latest_checkpoint(args["output_dir"])
         return args["resume_from_checkpoint"]
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Only ``fit``: SFTModule defines no test or predict step, and evaluation runs inside ``fit``."""
+        return {"fit": LightningCLI.subcommands()["fit"]}
+
     def before_fit(self) -> None:
         args, fit = self._run(), self.config_init["fit"]
         out = args["output_dir"]
+        trainer = self.trainer
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError("trainer.accumulate_grad_batches must stay 1: set data.gradient_accumulation_steps "
+                             "(lit_sft plans whole optimizer steps)")
+        if trainer.gradient_clip_val:
+            raise ValueError("trainer.gradient_clip_val is not used by lit_sft: set model.max_grad_norm")
+        if args["save_strategy"] == "steps" and args["save_steps"] < 1:
+            raise ValueError(f"run.save_steps={args['save_steps']} must be >= 1 with run.save_strategy: steps")
         if fit.get("ckpt_path") is None:
             ckpt = self.resume_checkpoint()
             if ckpt:

@@ -70,6 +70,9 @@ def model_card(module: L.LightningModule, datamodule: Any, metrics: dict[str, fl
             "max_grad_norm", "torch_dtype", "gradient_checkpointing", "use_liger_kernel"]
     dkeys = ["max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "assistant_only_loss",
              "packing", "seed"]
+    config = getattr(getattr(module, "model", None), "config", None)
+    model_type = str(getattr(config, "model_type", "model"))
+    mh["lr_scheduler_kwargs"] = getattr(module, "lr_scheduler_kwargs", mh.get("lr_scheduler_kwargs"))
     rows = [f"| {k} | {mh.get(k)} |" for k in keys] + [f"| {k} | {dh.get(k)} |" for k in dkeys]
     versions = {"lit_sft": lit_sft.__version__, "torch": torch.__version__, "lightning": L.__version__,
                 "transformers": transformers.__version__, "huggingface_hub": huggingface_hub.__version__}
@@ -81,7 +84,9 @@ def model_card(module: L.LightningModule, datamodule: Any, metrics: dict[str, fl
         pass
     body = "\n".join([
         f"# {os.path.basename(str(base or 'model'))} fine-tuned with lit_sft", "",
-        f"Supervised fine-tuning of `{base}` on `{dh.get('dataset_name')}` with lit_sft (PyTorch Lightning).", "",
+        f"Supervised fine-tuning of {f'`{base}`' if base else 'a randomly initialised ' + model_type}"
+        f"{' (random init)' if base and mh.get('random_init') else ''} on `{dh.get('dataset_name')}` with lit_sft "
+        "(PyTorch Lightning).", "",
         "## Hyper-parameters", "", "| key | value |", "|---|---|", *rows, "",
         "## Results", "",
         f"- optimizer steps: {int(metrics.get('global_step', 0))}",

@@ -50,7 +50,7 @@ def load_config(model_name_or_path: Optional[str], revision: Optional[str], mode
     without a path, built with ``AutoConfig.for_model(**model_config)`` (``model_config`` must hold ``model_type``).
 
     Raises:
-        ValueError: neither a path nor a ``model_config`` with ``model_type``.
+        ValueError: neither a path nor a ``model_config`` with ``model_type``, or a key the config class does not have.
     """
     from transformers import AutoConfig
 
@@ -58,11 +58,20 @@ def load_config(model_name_or_path: Optional[str], revision: Optional[str], mode
     if model_name_or_path is None:
         if "model_type" not in overrides:
             raise ValueError("set model.model_name_or_path, or model.model_config with a 'model_type' key")
-        return AutoConfig.for_model(**overrides)
-    config = AutoConfig.from_pretrained(resolve_path(model_name_or_path), revision=revision)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
+        config = AutoConfig.for_model(overrides.pop("model_type"))
+    else:
+        config = AutoConfig.from_pretrained(resolve_path(model_name_or_path), revision=revision)
+    known = set(config.to_dict()) | set(getattr(config, "attribute_map", {}))
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"model.model_config: {unknown} are not fields of {type(config).__name__} "
+                         f"(known: {sorted(known)})")
+    if not overrides:
+        return config
+    base = config.to_dict()
+    if "num_hidden_layers" in overrides and "layer_types" not in overrides:
+        base.pop("layer_types", None)  # derived from num_hidden_layers: let the config class rebuild it
+    return type(config).from_dict({**base, **overrides})
 
 
 def build_causal_lm(

@@ -12,7 +12,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lit_sft.loss import backward_scale, chunked_token_loss_sum
 from lit_sft.metrics import StepMetrics, device_peak_flops, matmul_params, training_flops
 from lit_sft.modeling import apply_liger_kernels, build_causal_lm
-from lit_sft.optim import adamw, lr_scheduler
+from lit_sft.optim import adamw, check_scheduler, lr_scheduler
 
 
 # Padding-free batches (lit_sft/data/collate.py PaddingFreeCollator) pass these to the model's attention.
@@ -35,8 +35,9 @@ class SFTModule(L.LightningModule):
             ``pkg://package/dir`` names a folder inside an installed package; ``None`` builds from ``model_config``.
         model_revision: hub revision (recipe: ``main``).
         torch_dtype: dtype the weights are loaded in (recipe: ``bfloat16``).
-        attn_implementation: ``flash_attention_2`` (recipe; falls back to ``sdpa`` with a warning when flash-attn is
-            not installed), ``sdpa`` or ``eager``.
+        attn_implementation: ``flash_attention_2`` (recipe; without flash-attn it falls back, with a warning, to
+            ``sdpa`` for padded batches or to ``lit_sft_varlen``, PyTorch's varlen attention, for padding-free ones),
+            ``lit_sft_varlen``, ``sdpa`` or ``eager`` (the last two only with padded batches).
         random_init: build the architecture with random weights instead of loading them (benchmarks, smoke tests).
         model_config: overrides of the model config (e.g. a tiny ``num_hidden_layers``), or, without
             ``model_name_or_path``, the whole config including ``model_type``.
@@ -46,7 +47,8 @@ class SFTModule(L.LightningModule):
         gradient_checkpointing_kwargs: passed to ``gradient_checkpointing_enable`` (recipe: ``use_reentrant: false``).
         learning_rate: peak learning rate of AdamW (recipe: 5e-5).
         lr_scheduler_type: a transformers scheduler name (recipe: ``cosine_with_min_lr``).
-        lr_scheduler_kwargs: its extra arguments (recipe: ``{min_lr_rate: 0.1}``).
+        lr_scheduler_kwargs: its extra arguments (recipe: ``{min_lr_rate: 0.1}``); ``None``: the recipe's
+            ``{min_lr_rate: 0.1}`` for ``cosine_with_min_lr``, none for other schedules.
         warmup_ratio: share of the optimizer steps spent in linear warmup, rounded up (recipe: 0.05).
         weight_decay: AdamW weight decay on matrices (transformers' default: 0).
         adam_beta1, adam_beta2, adam_epsilon: AdamW constants (transformers' defaults).
@@ -69,7 +71,7 @@ class SFTModule(L.LightningModule):
         gradient_checkpointing_kwargs: Optional[dict[str, Any]] = None,
         learning_rate: float = 5e-5,
         lr_scheduler_type: str = "cosine_with_min_lr",
-        lr_scheduler_kwargs: Optional[dict[str, Any]] = {"min_lr_rate": 0.1},  # noqa: B006 (never mutated)
+        lr_scheduler_kwargs: Optional[dict[str, Any]] = None,
         warmup_ratio: float = 0.05,
         weight_decay: float = 0.0,
         adam_beta1: float = 0.9,
@@ -82,6 +84,10 @@ class SFTModule(L.LightningModule):
         super().__init__()
         if model_name_or_path is None and not (model_config or {}).get("model_type"):
             raise ValueError("set model.model_name_or_path, or model.model_config with a 'model_type' key")
+        if lr_scheduler_kwargs is None:
+            lr_scheduler_kwargs = {"min_lr_rate": 0.1} if lr_scheduler_type == "cosine_with_min_lr" else {}
+        check_scheduler(lr_scheduler_type, lr_scheduler_kwargs)
+        self.lr_scheduler_kwargs = lr_scheduler_kwargs
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.max_grad_norm = max_grad_norm
@@ -90,6 +96,7 @@ class SFTModule(L.LightningModule):
         self.step_metrics = StepMetrics()
         self._hf_ds_config: Any = None
         self._val_sums: Optional[torch.Tensor] = None
+        self._steps_per_epoch: Optional[int] = None
 
     # -- model ---------------------------------------------------------------------------------------------------
     @property
@@ -124,6 +131,8 @@ class SFTModule(L.LightningModule):
         peak = self.hparams.mfu_peak_tflops
         self.step_metrics.peak_flops = peak * 1e12 if peak else device_peak_flops(self.device)
         self.step_metrics.world_size = self.trainer.world_size
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self._steps_per_epoch = getattr(datamodule, "optimizer_steps_per_epoch", None)
 
     @staticmethod
     def sequence_lengths(batch: dict[str, Any]) -> torch.Tensor:
@@ -191,7 +200,7 @@ class SFTModule(L.LightningModule):
         metrics = self.step_metrics.reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
         metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["train/learning_rate"] = lr
-        metrics["train/epoch"] = float(self.current_epoch)
+        metrics["train/epoch"] = self.global_step / self._steps_per_epoch if self._steps_per_epoch else float("nan")
         self.log_step(metrics)
 
     def log_step(self, metrics: dict[str, float]) -> None:
@@ -199,6 +208,8 @@ class SFTModule(L.LightningModule):
         ``trainer.log_every_n_steps`` optimizer steps, at ``step = global_step``."""
         self.last_step_metrics = metrics
         for key in ("train/loss", "train/tokens_per_s", "train/mfu"):
+            if metrics[key] != metrics[key]:  # nan: e.g. no known peak FLOP/s on this device
+                continue
             self.log(key.split("/")[1], metrics[key], prog_bar=True, logger=False, on_step=True, on_epoch=False)
         every = self.trainer.log_every_n_steps
         if every and self.global_step % every == 0:
@@ -238,7 +249,7 @@ class SFTModule(L.LightningModule):
         optimizer = adamw(self.model, hp.learning_rate, hp.weight_decay, (hp.adam_beta1, hp.adam_beta2),
                           hp.adam_epsilon)
         scheduler = lr_scheduler(optimizer, hp.lr_scheduler_type, self.num_training_steps(), hp.warmup_ratio,
-                                 hp.lr_scheduler_kwargs)
+                                 self.lr_scheduler_kwargs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoint ----------------------------------------------------------------------------------------------

@@ -29,6 +29,28 @@ def warmup_steps(num_training_steps: int, warmup_ratio: float) -> int:
     return math.ceil(num_training_steps * warmup_ratio)
 
 
+def check_scheduler(lr_scheduler_type: str, lr_scheduler_kwargs: Optional[dict[str, Any]]) -> None:
+    """Fail before training on an unknown scheduler name or an argument its transformers function does not take.
+
+    Raises:
+        ValueError: naming ``model.lr_scheduler_type`` or ``model.lr_scheduler_kwargs``.
+    """
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+    try:
+        function = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(lr_scheduler_type)]
+    except ValueError:
+        names = sorted(t.value for t in SchedulerType)
+        raise ValueError(f"model.lr_scheduler_type={lr_scheduler_type!r} is not one of {names}") from None
+    allowed = set(inspect.signature(function).parameters) - {"optimizer", "num_warmup_steps", "num_training_steps"}
+    unknown = sorted(set(lr_scheduler_kwargs or {}) - allowed)
+    if unknown:
+        raise ValueError(f"model.lr_scheduler_kwargs: {unknown} not accepted by {lr_scheduler_type!r} "
+                         f"(it takes {sorted(allowed)})")
+
+
 def lr_scheduler(optimizer: torch.optim.Optimizer, lr_scheduler_type: str, num_training_steps: int,
                  warmup_ratio: float, lr_scheduler_kwargs: Optional[dict[str, Any]] = None) -> Any:
     """transformers' scheduler ``lr_scheduler_type`` (e.g. ``cosine_with_min_lr`` with ``{"min_lr_rate": 0.1}``),

@@ -113,10 +113,15 @@ def load_split(
         data_files: passed to ``load_dataset`` as is.
 
     Raises:
+        FileNotFoundError: a local-looking path (``./``, ``/``, ``~`` or a data-file extension) that does not exist.
         ValueError: the split does not exist (the message lists the splits that do).
     """
     import datasets
 
+    looks_local = dataset_name.startswith((".", "/", "~")) or os.path.splitext(dataset_name)[1] in _FILE_BUILDERS
+    if looks_local and not os.path.exists(os.path.expanduser(dataset_name)):
+        raise FileNotFoundError(f"data.dataset_name={dataset_name!r}: no such file or folder (relative paths are "
+                                 f"relative to the current directory, {os.getcwd()!r})")
     if os.path.isfile(dataset_name):
         builder = _FILE_BUILDERS.get(os.path.splitext(dataset_name)[1])
         if builder is None:
