@@ -25,7 +25,10 @@ from lit_sft.data.tokenize import IGNORE_INDEX
 
 
 def token_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Summed next-token cross-entropy over supervised positions, computed in float32.
+    """Summed next-token cross-entropy over supervised positions, computed in float32, from full logits.
+
+    The plain reference: training uses :func:`chunked_token_loss_sum` or Liger's fused kernel, which never hold the
+    ``[B, T, V]`` logits, and the tests compare both against this.
 
     Args:
         logits: ``[B, T, V]`` (any float dtype).

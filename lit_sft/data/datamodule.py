@@ -210,8 +210,10 @@ class SFTDataModule(L.LightningDataModule):
         return tokenized
 
     def prepare_data(self) -> None:
-        """Tokenize once on local rank 0; ``datasets`` caches the result for the other ranks."""
-        self._tokenize(self.hparams.dataset_train_split)
+        """With several processes, tokenize once on local rank 0 so that ``datasets`` caches the result for the
+        other ranks' ``setup``; a single process tokenizes in ``setup`` only."""
+        if self.trainer is not None and self.trainer.world_size > 1:
+            self._tokenize(self.hparams.dataset_train_split)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_rows is None:
