@@ -62,8 +62,9 @@ def run_args(
     Args:
         output_dir: checkpoints go to ``output_dir/checkpoints``, logs to ``output_dir/logs``, and the final Hugging
             Face model to ``output_dir`` itself.
-        overwrite_output_dir: allow writing a model into an ``output_dir`` that already holds one (never deletes
-            checkpoints).
+        overwrite_output_dir: allow a fresh run (nothing to resume) to write a model into an ``output_dir`` that
+            already holds one; without it such a run stops before training. A run that resumes always writes. Never
+            deletes checkpoints.
         resume_from_checkpoint: ``auto`` resumes from the newest checkpoint in ``output_dir`` if any (as open-r1's
             ``sft.py``); a path resumes from that checkpoint; ``null`` starts fresh.
         save_strategy: checkpoint every ``save_steps`` optimizer steps (``steps``), every epoch, or never.

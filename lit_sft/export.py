@@ -173,6 +173,8 @@ class HFExport(L.Callback):
         trainer.strategy.barrier("lit_sft_export")
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        """With ``push_to_hub`` and ``hub_strategy: every_save``: at every ``save_steps``-th optimizer step, export
+        the folder (a collective under ZeRO-3) and upload it in the background (``run_as_future``)."""
         step = trainer.global_step
         if (self.push_to_hub and self.hub_strategy == "every_save" and self.save_steps and step
                 and step % self.save_steps == 0 and getattr(self, "_last_pushed", None) != step):

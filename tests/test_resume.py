@@ -13,6 +13,7 @@ then checked through the CLI, whose second invocation finds the checkpoint in ``
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import warnings
@@ -175,8 +176,12 @@ def test_cli_kill_and_auto_resume(reference, tmp_path, monkeypatch):
         assert logged[step]["train/loss"] == pytest.approx(want[step]["train/loss"], abs=TOL, rel=0)
         assert logged[step]["train/learning_rate"] == pytest.approx(want[step]["lrs"][0], abs=1e-12, rel=0)
         assert logged[step]["train/tokens_seen"] == want[step]["train/tokens_seen"]
-    # Lightning never deletes the checkpoint a run resumed from, so save_total_limit=1 leaves step 4 here too.
+    # The CSV history of the killed run is kept (Lightning's CSVLogger would delete it), with no duplicated step.
+    with open(out / "logs" / "metrics.csv") as f:
+        assert [int(float(row["step"])) for row in csv.DictReader(f)] == list(range(1, N + 1))
+    # save_total_limit=1 also rotates out the checkpoint the run resumed from (Lightning alone would keep it).
     assert latest_checkpoint(str(out)) == str(out / "checkpoints" / f"step-{N:06d}.ckpt")
+    assert os.listdir(out / "checkpoints") == [f"step-{N:06d}.ckpt"]
     exported = load_file(str(out / "model.safetensors"))
     assert set(reference["weights"]) - set(exported) <= {"lm_head.weight"}  # tied to the embeddings
     expected = {k: v for k, v in reference["weights"].items() if k in exported}
