@@ -10,12 +10,13 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from lit_sft.data.cache import cache_fingerprint
 from lit_sft.data.collate import PaddingCollator, PaddingFreeCollator
 from lit_sft.data.loading import load_split, load_tokenizer
 from lit_sft.data.sampler import MicroBatchItem, StepBatchSampler
 from lit_sft.data.formats import check_columns, resolve_fields
 from lit_sft.data.report import build_report, check_policies, report_lines
-from lit_sft.data.tokenize import preprocessing_version, tokenize_row
+from lit_sft.data.tokenize import tokenize_row
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,8 @@ def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
 
 def _preprocess(row: dict, index: int, tokenizer: Any, max_length: Optional[int], assistant_only_loss: bool,
                 completion_only_loss: bool, fmt: Optional[str] = None, fields: Optional[dict[str, str]] = None,
-                chat_template_kwargs: Optional[dict] = None, preprocessing_version: str = "") -> dict[str, Any]:
-    """One row -> its tokens, labels and report causes (``preprocessing_version`` is only there for the cache key)."""
+                chat_template_kwargs: Optional[dict] = None) -> dict[str, Any]:
+    """One row -> its tokens, labels and report causes (the ``map`` cache key is :mod:`lit_sft.data.cache`'s)."""
     example = tokenize_row(row, tokenizer, max_length, assistant_only_loss, completion_only_loss, row_index=index,
                            fmt=fmt, fields=fields, chat_template_kwargs=chat_template_kwargs)
     return {"input_ids": example.input_ids, "labels": example.labels, "length": len(example.input_ids),
@@ -240,10 +241,11 @@ class SFTDataModule(L.LightningDataModule):
         fmt, fields = resolve_fields(rows.column_names, hp.format, hp.columns)
         fn_kwargs = dict(tokenizer=self.tokenizer, max_length=hp.max_length,
                          assistant_only_loss=hp.assistant_only_loss, completion_only_loss=hp.completion_only_loss,
-                         fmt=fmt, fields=fields, chat_template_kwargs=hp.chat_template_kwargs,
-                         preprocessing_version=preprocessing_version(inspect.getsource(_preprocess)))
+                         fmt=fmt, fields=fields, chat_template_kwargs=hp.chat_template_kwargs)
+        settings = {k: v for k, v in fn_kwargs.items() if k != "tokenizer"}
+        fingerprint = cache_fingerprint(rows._fingerprint, self.tokenizer, inspect.getsource(_preprocess), **settings)
         tokenized = rows.map(_preprocess, with_indices=True, fn_kwargs=fn_kwargs, num_proc=hp.dataset_num_proc,
-                             remove_columns=rows.column_names, desc=f"Tokenizing {split}")
+                             remove_columns=rows.column_names, desc=f"Tokenizing {split}", new_fingerprint=fingerprint)
         report, kept = build_report(split, tokenized["issues"], tokenized["issue_details"], tokenized["truncated"],
                                     tokenized["num_loss_tokens"], hp.truncation,
                                     {key: hp[key] for key in self._POLICY_KEYS})

@@ -201,3 +201,12 @@ def canonical_row(row: dict, fmt: Optional[str] = None, fields: Optional[dict[st
             raise RowError(f"row {row_index}: field 'text' must be a non-empty string")
         out["text"] = text
     return out
+
+
+def template_kwargs(row: dict, chat_template_kwargs: Optional[dict] = None) -> dict[str, Any]:
+    """``apply_chat_template`` keyword arguments for a canonical row: ``data.chat_template_kwargs``, then the row's
+    ``tools`` / ``documents`` and its own ``chat_template_kwargs`` (``None`` values, Arrow's fill, are dropped)."""
+    kwargs = dict(chat_template_kwargs or {})
+    kwargs.update({k: row[k] for k in ("tools", "documents") if row.get(k) is not None})
+    kwargs.update(row.get("chat_template_kwargs") or {})
+    return {k: v for k, v in kwargs.items() if v is not None}

@@ -32,12 +32,11 @@ carries part of the answer, and masking it would silently drop that part. Such r
 from __future__ import annotations
 
 import bisect
-import hashlib
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
-from lit_sft.data.formats import KNOWN_ROLES, RowError, canonical_row, to_messages
+from lit_sft.data.formats import KNOWN_ROLES, RowError, canonical_row, template_kwargs, to_messages
 
 IGNORE_INDEX = -100
 
@@ -49,7 +48,7 @@ UNKNOWN_ROLE = "unknown_role"
 UNRENDERED_CONTENT = "unrendered_content"
 
 __all__ = ["IGNORE_INDEX", "RowError", "Example", "assistant_char_spans", "tokenize_messages",
-           "tokenize_prompt_completion", "tokenize_text", "truncate", "tokenize_row", "preprocessing_version"]
+           "tokenize_prompt_completion", "tokenize_text", "truncate", "tokenize_row"]
 
 
 @dataclass(frozen=True)
@@ -349,15 +348,6 @@ def truncate(example: Example, max_length: Optional[int]) -> Example:
                    truncated=not fits, issues=issues)
 
 
-def template_kwargs(row: dict, chat_template_kwargs: Optional[dict] = None) -> dict[str, Any]:
-    """``apply_chat_template`` keyword arguments for a canonical row: ``data.chat_template_kwargs``, then the row's
-    ``tools`` / ``documents`` and its own ``chat_template_kwargs`` (``None`` values, Arrow's fill, are dropped)."""
-    kwargs = dict(chat_template_kwargs or {})
-    kwargs.update({k: row[k] for k in ("tools", "documents") if row.get(k) is not None})
-    kwargs.update(row.get("chat_template_kwargs") or {})
-    return {k: v for k, v in kwargs.items() if v is not None}
-
-
 def tokenize_row(
     row: dict,
     tokenizer: Any,
@@ -389,24 +379,3 @@ def tokenize_row(
     else:
         example = tokenize_text(tokenizer, row["text"], row_index)
     return truncate(example, max_length)
-
-
-LABELLING_MODULES = ("lit_sft.data.formats", "lit_sft.data.tokenize")
-"""The modules whose code turns a row into ``input_ids``/``labels``; :func:`preprocessing_version` hashes their source."""
-
-
-def preprocessing_version(extra: str = "") -> str:
-    """A hash of the labelling code: the source files of :data:`LABELLING_MODULES`, plus ``extra`` (the caller's own
-    code, e.g. the source of its ``datasets.map`` function). It is part of the tokenization cache key.
-
-    ``datasets`` fingerprints a ``map`` by pickling the function and ``fn_kwargs``, and pickles a module-level
-    function by its name, so a change in the code that produces labels would reuse stale cached labels. Passing
-    this hash in ``fn_kwargs`` makes any such change a cache miss.
-    """
-    import importlib
-
-    digest = hashlib.sha256(extra.encode())
-    for name in LABELLING_MODULES:
-        with open(importlib.import_module(name).__file__, "rb") as f:
-            digest.update(f.read())
-    return digest.hexdigest()[:16]
