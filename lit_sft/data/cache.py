@@ -14,7 +14,7 @@ import importlib
 from typing import Any
 
 LABELLING_MODULES = ("lit_sft.data.formats", "lit_sft.data.tokenize")
-"""The modules whose code turns a row into ``input_ids``/``labels``; :func:`preprocessing_version` hashes their source."""
+"""The modules whose code turns a row into ``input_ids``/``labels`` (:func:`preprocessing_version` hashes them)."""
 
 
 def preprocessing_version(extra: str = "") -> str:

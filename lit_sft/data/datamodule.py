@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_sft.data.cache import cache_fingerprint
 from lit_sft.data.collate import PaddingCollator, PaddingFreeCollator
-from lit_sft.data.loading import load_split, load_tokenizer
-from lit_sft.data.sampler import MicroBatchItem, StepBatchSampler
 from lit_sft.data.formats import check_columns, resolve_fields
+from lit_sft.data.loading import load_split, load_tokenizer
 from lit_sft.data.report import build_report, check_policies, report_lines
+from lit_sft.data.sampler import MicroBatchItem, StepBatchSampler
 from lit_sft.data.tokenize import tokenize_row
 
 log = logging.getLogger(__name__)
@@ -257,12 +257,12 @@ class SFTDataModule(L.LightningDataModule):
         tokenized = tokenized.remove_columns(["issues", "issue_details"])
         if len(kept) < len(tokenized):
             tokenized = tokenized.select(kept)
-        if len(tokenized) == 0:
-            raise ValueError(f"{split}: no row is left after preprocessing (see the counts above)")
         self.preprocessing_report[split] = {"format": fmt, "columns": fields, **report}
         causes = report["causes"]
         self.preprocessing_counts = {"rows": report["rows"], "truncated": causes.get("truncated", {}).get("rows", 0),
                                      "no_loss_dropped": causes.get("no_supervised_token", {}).get("rows", 0)}
+        if len(tokenized) == 0:
+            raise ValueError(f"{split}: no row is left after preprocessing (see the preprocessing report above)")
         return tokenized
 
     def prepare_data(self) -> None:

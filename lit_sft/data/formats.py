@@ -2,17 +2,12 @@
 
 A row is brought to one of TRL's dataset shapes before it is rendered and tokenized (:mod:`lit_sft.data.tokenize`):
 
-============================ ================================================================ ==========================
-``data.format``              columns (field names; rename with ``data.columns``)              canonical row
-============================ ================================================================ ==========================
-``messages``                 ``messages``: ``[{role, content}, ...]`` (OpenAI / TRL chat)     ``{"messages": [...]}``
-``sharegpt``                 ``conversations``: ``[{from, value}, ...]``, ``from`` in         ``{"messages": [...]}``
-                             ``human``/``gpt``/``system``/``tool`` (Axolotl, LLaMA-Factory);
-                             an optional ``system`` column becomes the first turn
-``prompt_completion``        ``prompt`` + ``completion``: both message lists (TRL's           ``{"prompt", "completion"}``
-                             conversational prompt/completion) or both strings
-``text``                     ``text``: a string                                               ``{"text": ...}``
-============================ ================================================================ ==========================
+- ``messages``: a ``messages`` column of ``[{role, content}, ...]`` (OpenAI / TRL chat) -> ``{"messages"}``.
+- ``sharegpt``: a ``conversations`` column of ``[{from, value}, ...]`` with ``from`` in ``human``/``gpt``/``system``/
+  ``tool`` (Axolotl, LLaMA-Factory); an optional ``system`` column becomes the first turn -> ``{"messages"}``.
+- ``prompt_completion``: ``prompt`` and ``completion`` columns, both message lists (TRL's conversational
+  prompt/completion) or both strings -> ``{"prompt", "completion"}``.
+- ``text``: a ``text`` column of strings -> ``{"text"}``.
 
 ``data.format: null`` detects the format from the column names, in the order of the table. Whatever the format,
 message entries may use ``role``/``content`` or ShareGPT's ``from``/``value``; ShareGPT role names are mapped to the
@@ -41,7 +36,7 @@ FORMAT_FIELDS = {
 """Required fields per format, in detection order."""
 
 TEMPLATE_FIELDS = ("tools", "documents", "chat_template_kwargs")
-"""Optional fields passed to ``apply_chat_template`` (TRL passes ``tools`` and ``chat_template_kwargs`` the same way)."""
+"""Optional fields passed to ``apply_chat_template`` (as TRL passes ``tools`` and ``chat_template_kwargs``)."""
 
 OPTIONAL_FIELDS = {"sharegpt": ("system",)}
 

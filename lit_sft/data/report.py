@@ -100,22 +100,21 @@ def build_report(
             example.setdefault(cause, detail)
             if policies.get(POLICY_KEYS.get(cause, "")) == "drop":
                 drop[row] = True
-    report: dict[str, Any] = {"rows": len(issues), "causes": {}}
+    causes: dict[str, Any] = {}
     for cause, rows in per_cause.items():
         if not rows:
             continue
         key = POLICY_KEYS.get(cause)
         action = policies[key] if key else truncation if cause == "truncated" else (
             "count" if cause == "boundary_moved" else "drop")
-        report["causes"][cause] = {"rows": len(rows), "example_row": rows[0], "example": example[cause],
+        causes[cause] = {"rows": len(rows), "example_row": rows[0], "example": example[cause],
                                    "action": action}
         if action == "error":
             raise ValueError(
                 f"{split}: {len(rows)} row(s) with {cause} (e.g. row {rows[0]}: {example[cause]}). Fix the data, or "
                 f"set `data.{key}: warn` (keep them) or `drop` (remove them)")
     kept = [row for row in range(len(issues)) if not drop[row]]
-    report.update(kept=len(kept), dropped=len(issues) - len(kept))
-    return report, kept
+    return {"rows": len(issues), "kept": len(kept), "dropped": len(issues) - len(kept), "causes": causes}, kept
 
 
 def report_lines(split: str, report: dict[str, Any], max_length: Optional[int]) -> list[str]:

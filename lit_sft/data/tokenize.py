@@ -87,9 +87,13 @@ def _end_of_turn(tokenizer: Any) -> str:
 
 
 def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False,
-            template_kwargs: Optional[dict] = None) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         **(template_kwargs or {}))
+            template_kwargs: Optional[dict] = None, row_index: int = -1) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **(template_kwargs or {}))
+    except Exception as err:  # jinja's TemplateError (raise_exception), or a TypeError on a field of the wrong type
+        raise RowError(f"row {row_index}: the chat template cannot render {len(messages)} message(s) with roles "
+                       f"{[m.get('role') for m in messages]}: {type(err).__name__}: {err}") from err
 
 
 _PROBE = {"role": "user", "content": "lit_sft-probe-user-turn"}
@@ -103,12 +107,12 @@ def _turn_start(tokenizer: Any, messages: list[dict], i: int, text: str, kwargs:
     the probe's generation prompt begins in ``text``.
     """
     if i > 0:
-        prefix = _render(tokenizer, messages[:i], True, kwargs)
+        prefix = _render(tokenizer, messages[:i], True, kwargs, row_index)
         if text.startswith(prefix):
             return len(prefix)
     else:
-        prefix = _render(tokenizer, [_PROBE], True, kwargs)
-        probed = _render(tokenizer, [_PROBE] + messages, False, kwargs)
+        prefix = _render(tokenizer, [_PROBE], True, kwargs, row_index)
+        probed = _render(tokenizer, [_PROBE] + messages, False, kwargs, row_index)
         rest = probed[len(prefix):]
         if probed.startswith(prefix) and text.endswith(rest):
             return len(text) - len(rest)
@@ -128,7 +132,7 @@ def _turn_end(tokenizer: Any, messages: list[dict], i: int, start: int, text: st
     (Qwen3 adds an empty think block) fall back to the first end-of-turn after the content.
     """
     end_of_turn = _end_of_turn(tokenizer)
-    upto = text if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1], False, kwargs)
+    upto = text if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1], False, kwargs, row_index)
     if text.startswith(upto):
         end = text.rfind(end_of_turn, start, len(upto))
     else:
@@ -176,7 +180,7 @@ def _covering_tokens(offsets: list[tuple[int, int]], spans: list[tuple[int, int]
     return inside, moved
 
 
-def _finish(tokenizer: Any, text: str, input_ids: list[int], offsets: list[tuple[int, int]],
+def _finish(text: str, input_ids: list[int], offsets: list[tuple[int, int]],
             spans: Optional[list[tuple[int, int]]], supervise_spans: bool, issues: dict[str, str]) -> Example:
     """Labels from the answer spans (or every token), ``labels[0]`` masked, and the fields the report needs."""
     inside, moved = _covering_tokens(offsets, spans) if spans is not None else ([], False)
@@ -246,7 +250,7 @@ def _conversation(tokenizer: Any, messages: list[dict], supervise: str, first_tu
                   template_kwargs: Optional[dict]) -> Example:
     """Tokenize a conversation; ``supervise`` is ``"all"`` or ``"assistant"`` (turns ``first_turn`` onwards)."""
     kwargs = template_kwargs or {}
-    text = _render(tokenizer, messages, False, kwargs)
+    text = _render(tokenizer, messages, False, kwargs, row_index)
     issues: dict[str, str] = {}
     unknown = sorted({m["role"] for m in messages} - set(KNOWN_ROLES))
     if unknown:
@@ -256,8 +260,8 @@ def _conversation(tokenizer: Any, messages: list[dict], supervise: str, first_tu
     if missing:
         issues[UNRENDERED_CONTENT] = missing
     if not any(m["role"] == "assistant" for m in messages[first_turn:]):
-        issues[NO_ASSISTANT_TURN] = ("the completion has no assistant turn" if first_turn else
-                                     "the conversation has no assistant turn") + f" (roles {[m['role'] for m in messages]})"
+        where = "the completion" if first_turn else "the conversation"
+        issues[NO_ASSISTANT_TURN] = f"{where} has no assistant turn (roles {[m['role'] for m in messages]})"
     try:
         spans = assistant_char_spans(tokenizer, messages, text, row_index, kwargs, first_turn)
     except RowError:
@@ -265,7 +269,7 @@ def _conversation(tokenizer: Any, messages: list[dict], supervise: str, first_tu
             raise
         spans = None  # all tokens are supervised anyway; only the answer's position is unknown
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return _finish(tokenizer, text, list(encoding["input_ids"]), list(encoding["offset_mapping"]), spans,
+    return _finish(text, list(encoding["input_ids"]), list(encoding["offset_mapping"]), spans,
                    supervise != "all", issues)
 
 
@@ -325,7 +329,7 @@ def tokenize_prompt_completion(tokenizer: Any, prompt: Any, completion: Any, com
     end_of_turn = _end_of_turn(tokenizer)
     text = prompt + completion + ("" if _ends_with(completion, end_of_turn) else end_of_turn)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return _finish(tokenizer, text, list(encoding["input_ids"]), list(encoding["offset_mapping"]),
+    return _finish(text, list(encoding["input_ids"]), list(encoding["offset_mapping"]),
                    [(len(prompt), len(text))], completion_only_loss, {})
 
 
@@ -341,7 +345,7 @@ def tokenize_text(tokenizer: Any, text: Any, row_index: int = -1) -> Example:
     end_of_turn = _end_of_turn(tokenizer)
     text = text if _ends_with(text, end_of_turn) else text + end_of_turn
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return _finish(tokenizer, text, list(encoding["input_ids"]), list(encoding["offset_mapping"]), None, False, {})
+    return _finish(text, list(encoding["input_ids"]), list(encoding["offset_mapping"]), None, False, {})
 
 
 def truncate(example: Example, max_length: Optional[int]) -> Example:

@@ -87,7 +87,7 @@ def test_answer_cut_away_by_max_length_is_reported_and_dropped(tmp_path, tokeniz
     assert kept.train_rows["input_ids"][1] == chat_ids(tokenizer, long_chat)[:max_length]
 
 
-# -- item 6: ShareGPT role names in a messages column -------------------------------------------------------------------
+# -- item 6: ShareGPT role names in a messages column ------------------------------------------------------------------
 def test_sharegpt_roles_in_messages_are_named(tmp_path):
     from trl.chat_template_utils import qwen2_5_chat_template
 
@@ -108,7 +108,7 @@ def test_policy_values_are_checked():
         SFTDataModule("x.jsonl", tokenizer_name_or_path=QWEN3, on_unknown_role="ignore")
 
 
-# -- item 5: moved boundaries are counted --------------------------------------------------------------------------------
+# -- item 5: moved boundaries are counted ------------------------------------------------------------------------------
 def test_moved_boundaries_are_counted(tmp_path, tokenizer):
     rows = [{"prompt": "Question: what is the capital of France?\nAnswer: ", "completion": "Paris"},
             {"prompt": "Question: 2+2?\nAnswer:", "completion": " 4"}]
@@ -146,7 +146,7 @@ def test_build_report_counts_every_cause_once_per_row():
     assert (report["rows"], report["kept"], report["dropped"]) == (4, 1, 3)
 
 
-# -- item 8: the tokenization cache follows the labelling code ----------------------------------------------------------
+# -- item 8: the tokenization cache follows the labelling code ---------------------------------------------------------
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
     import datasets

