@@ -14,7 +14,7 @@ from lit_sft.data.cache import cache_fingerprint
 from lit_sft.data.collate import PaddingCollator, PaddingFreeCollator
 from lit_sft.data.formats import check_columns, resolve_fields
 from lit_sft.data.loading import load_split, load_tokenizer
-from lit_sft.data.report import build_report, check_policies, report_lines
+from lit_sft.data.report import POLICY_KEYS, build_report, check_policies, report_lines
 from lit_sft.data.sampler import MicroBatchItem, StepBatchSampler
 from lit_sft.data.tokenize import tokenize_row
 
@@ -251,9 +251,10 @@ class SFTDataModule(L.LightningDataModule):
                                     {key: hp[key] for key in self._POLICY_KEYS})
         for line in report_lines(split, report, hp.max_length):
             rank_zero_info(line)
-        warned = [c for c, entry in report["causes"].items() if entry["action"] == "warn"]
-        if warned:
-            rank_zero_warn(f"{split}: rows kept with {', '.join(warned)} (see the preprocessing report above)")
+        flagged = [f"{entry['rows']} row(s) {'kept' if entry['action'] == 'warn' else 'dropped'} with {cause}"
+                   for cause, entry in report["causes"].items() if cause in POLICY_KEYS]
+        if flagged:
+            rank_zero_warn(f"{split}: {', '.join(flagged)} (see the preprocessing report above)")
         tokenized = tokenized.remove_columns(["issues", "issue_details"])
         if len(kept) < len(tokenized):
             tokenized = tokenized.select(kept)
