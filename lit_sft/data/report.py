@@ -88,14 +88,14 @@ def build_report(
     example: dict[str, str] = {}
     drop = [False] * len(issues)
     for row, (row_issues, row_details) in enumerate(zip(issues, details)):
-        causes = list(zip(row_issues, row_details))
+        found = list(zip(row_issues, row_details))
         if truncated[row]:
-            causes.append(("truncated", "longer than max_length"))
+            found.append(("truncated", "longer than max_length"))
             drop[row] = truncation == "drop"
         if num_loss_tokens[row] == 0 and not drop[row]:
-            causes.append(("no_supervised_token", "no token of the row is supervised"))
+            found.append(("no_supervised_token", "no token of the row is supervised"))
             drop[row] = True
-        for cause, detail in causes:
+        for cause, detail in found:
             per_cause[cause].append(row)
             example.setdefault(cause, detail)
             if policies.get(POLICY_KEYS.get(cause, "")) == "drop":
@@ -107,8 +107,7 @@ def build_report(
         key = POLICY_KEYS.get(cause)
         action = policies[key] if key else truncation if cause == "truncated" else (
             "count" if cause == "boundary_moved" else "drop")
-        causes[cause] = {"rows": len(rows), "example_row": rows[0], "example": example[cause],
-                                   "action": action}
+        causes[cause] = {"rows": len(rows), "example_row": rows[0], "example": example[cause], "action": action}
         if action == "error":
             raise ValueError(
                 f"{split}: {len(rows)} row(s) with {cause} (e.g. row {rows[0]}: {example[cause]}). Fix the data, or "
