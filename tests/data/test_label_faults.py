@@ -111,3 +111,16 @@ def test_row_over_max_length_by_the_trailing_newline_fits(tokenizer):
     assert supervised_text(tokenizer, fitted) == "4<|im_end|>"
     cut = truncate(full, len(full.input_ids) - 2)  # now the <|im_end|> is cut: a real truncation
     assert cut.truncated and cut.input_ids == full.input_ids[:-2]
+
+
+def test_tokens_straddling_either_edge_of_a_span_are_supervised():
+    """The kind of item 5, at both edges: with the Qwen templates the end is a special token and never straddles, so
+    the rule is checked on offsets directly (a token is supervised when any of its characters is in the span)."""
+    from lit_sft.data.tokenize import _covering_tokens
+
+    offsets = [(0, 3), (3, 7), (7, 10), (10, 12)]
+    assert _covering_tokens(offsets, [(3, 10)]) == ([False, True, True, False], False)  # aligned
+    assert _covering_tokens(offsets, [(5, 10)]) == ([False, True, True, False], True)  # starts inside token 1
+    assert _covering_tokens(offsets, [(3, 8)]) == ([False, True, True, False], True)  # ends inside token 2
+    assert _covering_tokens(offsets, [(0, 1), (11, 12)]) == ([True, False, False, True], True)
+    assert _covering_tokens([(0, 2), (2, 3), (2, 3), (3, 4)], [(2, 3)]) == ([False, True, True, False], False)
