@@ -7,11 +7,16 @@ loggers here. A rerun with the same ``output_dir`` resumes from its newest compl
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import os
 import re
+import sys
 from typing import Any, Literal, Optional
 
+import lightning
+from jsonargparse import ActionConfigFile
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -82,12 +87,52 @@ def run_args(
     """
 
 
+def merge_dicts(base: dict, update: dict) -> dict:
+    """``base`` updated key by key with ``update``; nested dicts merge the same way, other values are replaced."""
+    merged = dict(base)
+    for key, value in update.items():
+        old = merged.get(key)
+        merged[key] = merge_dicts(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return merged
+
+
+class OverlayConfigFile(ActionConfigFile):
+    """``--config`` whose later files update dict-valued keys key by key instead of replacing them.
+
+    jsonargparse replaces a dict-typed value given whole (its maintainers keep that on purpose, see
+    jsonargparse#236), so ``--config base.yaml --config overlay.yaml`` with ``model: {model_config:
+    {num_hidden_layers: 2}}`` in the overlay dropped every other ``model_config`` key, while the dotted flag
+    ``--model.model_config.num_hidden_layers 2`` kept them. After jsonargparse has applied a file, every value that
+    is a dict both before and after (``model.model_config``, ``model.lr_scheduler_kwargs``,
+    ``model.gradient_checkpointing_kwargs``, ``data.data_files``, a strategy's ``config``, ...) becomes the earlier
+    dict updated with the file's (:func:`merge_dicts`), so overlays compose as dotted flags do. Scalars and lists are
+    replaced, ``class_path``/``init_args`` merge as jsonargparse already does, and ``key: null`` in a file clears a
+    dict (a later file can then set it afresh).
+    """
+
+    def __call__(self, parser: Any, cfg: Any, values: Any, option_string: Optional[str] = None) -> None:
+        before = {key: value for key, value in cfg.items() if isinstance(value, dict)}
+        super().__call__(parser, cfg, values, option_string)
+        for key, value in list(cfg.items()):
+            if isinstance(value, dict) and key in before:
+                cfg[key] = merge_dicts(before[key], value)
+
+
 class SFTCLI(LightningCLI):
     """LightningCLI with the recipe's run keys at the top level (see :func:`run_args`)."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_function_arguments(run_args, nested_key="run")
         parser.set_defaults({"trainer.use_distributed_sampler": False})
+
+    def init_parser(self, **kwargs: Any) -> Any:
+        """LightningCLI's parser with ``--config`` files that merge dict-valued keys (:class:`OverlayConfigFile`)."""
+        kwargs.setdefault("dump_header", [f"lightning.pytorch=={lightning.__version__}"])
+        parser = self.parser_class(**kwargs)
+        parser.add_argument("-c", "--config", action=OverlayConfigFile,
+                            help="Path to a configuration file in json or yaml format; later files update earlier "
+                                 "ones key by key, dict-valued keys included.")
+        return parser
 
     def _run(self) -> dict[str, Any]:
         return dict(self.config[self.subcommand]["run"]) if self.subcommand else dict(self.config["run"])
@@ -165,8 +210,29 @@ class SFTCLI(LightningCLI):
                                   "from; set run.overwrite_output_dir: true or choose another output_dir")
 
 
+def deepspeed_logs_to_stderr() -> None:
+    """Send DeepSpeed's log lines to stderr, so that stdout carries only what a command prints (``--print_config``).
+
+    ``deepspeed.utils.logging`` gives its ``DeepSpeed`` logger a ``StreamHandler`` on the ``sys.stdout`` of the
+    moment it is imported, and that import happens during parsing: jsonargparse resolves the type hints of
+    Lightning's ``DeepSpeedStrategy`` (a ``TYPE_CHECKING`` import of ``deepspeed``) whenever a config names a
+    DeepSpeed strategy, and the import logs "Setting accelerator to CPU" on a machine without CUDA. So import it
+    here first with stdout pointing at stderr (its handler keeps that stream), and point an existing handler on
+    stdout (DeepSpeed imported earlier in this process) at stderr. Without deepspeed installed, nothing to do.
+    """
+    if "deepspeed" not in sys.modules:
+        if importlib.util.find_spec("deepspeed") is None:
+            return
+        with contextlib.redirect_stdout(sys.stderr):
+            import deepspeed  # noqa: F401
+    for handler in logging.getLogger("DeepSpeed").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
+            handler.setStream(sys.stderr)
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``lit_sft`` console script."""
+    deepspeed_logs_to_stderr()
     SFTCLI(SFTModule, SFTDataModule, args=args, save_config_kwargs={"overwrite": True},
            auto_configure_optimizers=False, parser_kwargs={"allow_abbrev": False})
 
