@@ -61,6 +61,7 @@ def run_args(
     wandb_project: str = "lit_sft",
     log_level: Literal["debug", "info", "warning", "error"] = "info",
     export_dtype: Optional[Literal["bfloat16", "float16", "float32"]] = None,
+    export_format: Literal["compatible", "transformers5"] = "compatible",
 ) -> None:
     """Run-level keys of the recipe (their names follow transformers' ``TrainingArguments``).
 
@@ -84,6 +85,10 @@ def run_args(
         wandb_project: the wandb project.
         log_level: level of the ``lit_sft``, ``transformers`` and ``lightning`` Python loggers.
         export_dtype: cast the exported weights; default: the training dtype.
+        export_format: ``compatible`` writes a folder that transformers 4.x (the newest, 4.57) loads with the same
+            config values and logits as transformers 5 (adds 4.x's ``rope_theta``/``rope_scaling`` and
+            ``additional_special_tokens`` next to 5.x's keys; tested in CI); ``transformers5`` writes exactly what
+            ``save_pretrained`` writes. See ``lit_sft/export_compat.py``.
     """
 
 
@@ -136,6 +141,12 @@ class SFTCLI(LightningCLI):
 
     def _run(self) -> dict[str, Any]:
         return dict(self.config[self.subcommand]["run"]) if self.subcommand else dict(self.config["run"])
+
+    def after_instantiate_classes(self) -> None:
+        """Hand ``run.export_format`` to the export callback (built in :meth:`instantiate_trainer`)."""
+        for callback in getattr(self.trainer, "callbacks", None) or []:
+            if isinstance(callback, HFExport):
+                callback.export_format = self._run()["export_format"]
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -233,8 +244,14 @@ def deepspeed_logs_to_stderr() -> None:
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``lit_sft`` console script."""
     deepspeed_logs_to_stderr()
+    from lit_sft.commands import COMMANDS, commands_help, run_command
+
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in COMMANDS:
+        run_command(argv[0], argv[1:])
+        return
     SFTCLI(SFTModule, SFTDataModule, args=args, save_config_kwargs={"overwrite": True},
-           auto_configure_optimizers=False, parser_kwargs={"allow_abbrev": False})
+           auto_configure_optimizers=False, parser_kwargs={"allow_abbrev": False, "epilog": commands_help()})
 
 
 if __name__ == "__main__":

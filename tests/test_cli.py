@@ -144,17 +144,18 @@ def test_config_overlays_merge_dict_keys(capsys, tmp_path, base):
     them: model_config, lr_scheduler_kwargs, gradient_checkpointing_kwargs, data_files and a strategy's dicts."""
     with open(base) as f:
         source = yaml.safe_load(f)
-    a = _write(tmp_path / "a.yaml", {"model": {"model_config": {"num_hidden_layers": 4, "max_position_embeddings": 4096},
-                                               "lr_scheduler_kwargs": {"num_cycles": 0.5},
-                                               "gradient_checkpointing_kwargs": {"use_reentrant": True}},
-                                     "data": {"data_files": {"train": "a.jsonl", "test": "t.jsonl"}}})
+    a = _write(tmp_path / "a.yaml", {
+        "model": {"model_config": {"num_hidden_layers": 4, "max_position_embeddings": 4096},
+                  "lr_scheduler_kwargs": {"num_cycles": 0.5}, "gradient_checkpointing_kwargs": {"use_reentrant": True}},
+        "data": {"data_files": {"train": "a.jsonl", "test": "t.jsonl"}}})
     b = _write(tmp_path / "b.yaml", {"model": {"model_config": {"num_hidden_layers": 2}},
                                      "data": {"data_files": {"train": "b.jsonl"}}})
     base_model_config = source["model"].get("model_config") or {}
     base_kwargs = source["model"]["lr_scheduler_kwargs"]
 
     two = _print_config(capsys, "--config", base, "--config", a)
-    assert two["model"]["model_config"] == {**base_model_config, "num_hidden_layers": 4, "max_position_embeddings": 4096}
+    assert two["model"]["model_config"] == {**base_model_config, "num_hidden_layers": 4,
+                                            "max_position_embeddings": 4096}
     assert two["model"]["lr_scheduler_kwargs"] == {**base_kwargs, "num_cycles": 0.5}
 
     three = _print_config(capsys, "--config", base, "--config", a, "--config", b)
