@@ -15,10 +15,13 @@ names transformers' ``FlashAttentionKwargs`` use, so every backend below receive
   builds a block-diagonal causal mask. Measured with ``benchmarks/probe_packed_attention.py`` (tiny Qwen2, six rows,
   fp32 CPU, transformers 5.24, training mode): packed vs each row alone, max |logits diff| 3.6e-7 (sdpa) and 2.4e-7
   (eager), max |grad diff| 2.1e-6 and 1.7e-6 (largest gradient 7.3), the same level as ``lit_sft_varlen``
-  (2.4e-7, 1.4e-6). With the KV cache on (inference) transformers skips the detection and the rows attend across
-  the concatenation (logits 0.80 apart); training never passes a cache. :func:`packed_rows_isolated_by_mask`
-  re-checks this on the installed transformers, so the rule follows the library, not a version number. They hold
-  a dense ``N x N`` mask and spend the FLOPs of the whole concatenation, so the varlen kernels stay the default.
+  (2.4e-7, 1.4e-6); on the H200 with transformers 5.17 (torch 2.11) fp32 gives 3.6e-7/3.3e-6 (sdpa) and
+  3.0e-7/2.4e-6 (eager), and bf16 gives logits 0 and grads 0.031 for sdpa, eager and ``lit_sft_varlen`` alike (bf16
+  rounding of the summed gradients). With the KV cache on (inference) transformers skips the detection and the rows
+  attend across the concatenation (logits 0.74-0.80 apart); training never passes a cache.
+  :func:`packed_rows_isolated_by_mask` re-checks this on the installed transformers, so the rule follows the
+  library, not a version number. They hold a dense ``N x N`` mask and spend the FLOPs of the whole concatenation,
+  so the varlen kernels stay the default.
 
 Any other backend is refused for padding-free batches (:func:`check_isolates_rows`).
 """
