@@ -351,8 +351,15 @@ class HFExport(L.Callback):
         self._error: Optional[BaseException] = None
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        """Check the export before the first step (:func:`check_export`); warn about each generation-config change."""
-        tokenizer = trainer.datamodule.tokenizer
+        """Check the export before the first step (:func:`check_export`); warn about each generation-config change.
+
+        Raises:
+            ValueError: no data module with a ``tokenizer`` (the export saves it with the model).
+        """
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("HFExport saves the tokenizer with the model: train with an SFTDataModule (or a data "
+                             "module with a .tokenizer)")
         if trainer.is_global_zero:
             changes = check_export(self.output_dir, module.model, tokenizer, self.export_dtype, self.export_format)
             if changes:
