@@ -112,7 +112,8 @@ class OverlayConfigFile(ActionConfigFile):
     ``model.gradient_checkpointing_kwargs``, ``data.data_files``, a strategy's ``config``, ...) becomes the earlier
     dict updated with the file's (:func:`merge_dicts`), so overlays compose as dotted flags do. Scalars and lists are
     replaced, ``class_path``/``init_args`` merge as jsonargparse already does, and ``key: null`` in a file clears a
-    dict (a later file can then set it afresh).
+    dict (a later file can then set it afresh). A whole value on the command line still replaces
+    (``--model.model_config '{...}'``, a section file ``--model model.yaml``), as in jsonargparse.
     """
 
     def __call__(self, parser: Any, cfg: Any, values: Any, option_string: Optional[str] = None) -> None:
