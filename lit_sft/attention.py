@@ -9,14 +9,26 @@ names transformers' ``FlashAttentionKwargs`` use, so every backend below receive
 - ``lit_sft_varlen`` (registered here with transformers' ``AttentionInterface``): PyTorch's own
   ``torch.nn.attention.varlen.varlen_attn`` on CUDA (FLOPs only within rows); on CPU, where that kernel does not
   run, an exact per-row ``scaled_dot_product_attention`` loop.
+- ``sdpa`` and ``eager``: exact too when the model is called as training calls it, with no attention mask and
+  ``use_cache=False``: transformers' ``masking_utils._preprocess_mask_arguments`` then looks for packed sequences
+  (``find_packed_sequence_indices``: a new row wherever ``position_ids`` do not step by 1) and ``create_causal_mask``
+  builds a block-diagonal causal mask. Measured with ``benchmarks/probe_packed_attention.py`` (tiny Qwen2, six rows,
+  fp32 CPU, transformers 5.24, training mode): packed vs each row alone, max |logits diff| 3.6e-7 (sdpa) and 2.4e-7
+  (eager), max |grad diff| 2.1e-6 and 1.7e-6 (largest gradient 7.3), the same level as ``lit_sft_varlen``
+  (2.4e-7, 1.4e-6); on the H200 with transformers 5.17 (torch 2.11) fp32 gives 3.6e-7/3.3e-6 (sdpa) and
+  3.0e-7/2.4e-6 (eager), and bf16 gives logits 0 and grads 0.031 for sdpa, eager and ``lit_sft_varlen`` alike (bf16
+  rounding of the summed gradients). With the KV cache on (inference) transformers skips the detection and the rows
+  attend across the concatenation (logits 0.74-0.80 apart); training never passes a cache.
+  :func:`packed_rows_isolated_by_mask` re-checks this on the installed transformers, so the rule follows the
+  library, not a version number. They hold a dense ``N x N`` mask and spend the FLOPs of the whole concatenation,
+  so the varlen kernels stay the default.
 
-``sdpa`` and ``eager`` do not isolate rows here: with transformers 5.24 a Qwen2 forward given packed
-``position_ids`` and no mask attends across the concatenation (measured: logits of packed rows differ from the rows
-alone by ~0.3). They, and any other backend, are refused for padding-free batches (:func:`check_isolates_rows`).
+Any other backend is refused for padding-free batches (:func:`check_isolates_rows`).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Optional
 
@@ -24,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 VARLEN = "lit_sft_varlen"
-ISOLATING_BACKENDS = ("flash_attention_2", "flash_attention_3", VARLEN)
+ISOLATING_BACKENDS = ("flash_attention_2", "flash_attention_3", VARLEN)  # read cu_seq_lens: rows never meet
+MASK_BACKENDS = ("sdpa", "eager")  # exact through transformers' packed-sequence mask (see the module docstring)
 
 
 def _varlen_kernel() -> Any:
@@ -105,16 +118,62 @@ def register_varlen_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, flash_attention_mask)
 
 
+@functools.lru_cache(maxsize=None)
+def packed_rows_isolated_by_mask() -> bool:
+    """Whether the installed transformers keeps padding-free rows apart for ``sdpa`` and ``eager`` in training.
+
+    Checked, not assumed: a two-layer Qwen2 (random weights, fp32, CPU, ~50 ms) runs three rows of lengths 5, 1 and
+    7 packed (``position_ids`` restarting per row, no attention mask, ``use_cache=False``, as ``SFTModule`` calls
+    the model) and each row alone; the logits must agree to 1e-5 for both backends. This holds when
+    ``transformers.masking_utils`` detects packed sequences from ``position_ids`` (``find_packed_sequence_indices``
+    inside ``_preprocess_mask_arguments``; present in 4.57 and 5.24) and is false on versions without it. The mask
+    code is device-independent Python, so the CPU check covers GPUs too.
+    """
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401  (what finds the rows)
+    except ImportError:
+        return False
+    config = AutoConfig.for_model("qwen2", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 64, (n,), generator=generator) for n in (5, 1, 7)]
+    packed_ids = torch.cat(rows)[None]
+    positions = torch.cat([torch.arange(len(r)) for r in rows])[None]
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        for backend in ("sdpa", "eager"):
+            model.set_attn_implementation(backend)
+            alone = torch.cat([model(input_ids=r[None], use_cache=False).logits[0] for r in rows])
+            packed = model(input_ids=packed_ids, position_ids=positions, use_cache=False).logits[0]
+            if not torch.allclose(packed, alone, atol=1e-5, rtol=0):
+                return False
+    return True
+
+
 def check_isolates_rows(attn_implementation: Optional[str]) -> None:
     """Refuse an attention backend that is not known to keep padding-free rows apart.
 
+    Accepted: ``flash_attention_2/3`` and ``lit_sft_varlen`` (they read ``cu_seq_lens``), and ``sdpa``/``eager``
+    when :func:`packed_rows_isolated_by_mask` holds for the installed transformers.
+
     Raises:
-        ValueError: naming ``model.attn_implementation`` and the backends that work.
+        ValueError: naming ``model.attn_implementation``, why the backend does not isolate rows, and the backends
+            that work.
     """
-    if attn_implementation not in ISOLATING_BACKENDS:
-        raise ValueError(
-            f"model.attn_implementation={attn_implementation!r} cannot be shown to keep the rows of a padding-free "
-            f"batch apart (attention would cross rows), which data.padding_free and data.packing need; use "
-            f"model.attn_implementation: {VARLEN} (PyTorch's varlen attention) or one of {list(ISOLATING_BACKENDS)}, "
-            "or set data.padding_free: false and data.packing: false"
-        )
+    if attn_implementation in ISOLATING_BACKENDS:
+        return
+    if attn_implementation in MASK_BACKENDS and packed_rows_isolated_by_mask():
+        return
+    import transformers
+
+    reason = (f"transformers {transformers.__version__} does not build a per-row mask from position_ids for it "
+              "(transformers.masking_utils.find_packed_sequence_indices)" if attn_implementation in MASK_BACKENDS
+              else "it is not known to read the row boundaries (cu_seq_lens) or position_ids")
+    raise ValueError(
+        f"model.attn_implementation={attn_implementation!r} would let the rows of a padding-free batch attend to each "
+        f"other ({reason}), which data.padding_free and data.packing need to prevent; use model.attn_implementation: "
+        f"{VARLEN} (PyTorch's varlen attention) or one of {list(ISOLATING_BACKENDS)}, or set data.padding_free: false "
+        "and data.packing: false"
+    )

@@ -7,11 +7,16 @@ loggers here. A rerun with the same ``output_dir`` resumes from its newest compl
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import os
 import re
+import sys
 from typing import Any, Literal, Optional
 
+import lightning
+from jsonargparse import ActionConfigFile
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -56,6 +61,7 @@ def run_args(
     wandb_project: str = "lit_sft",
     log_level: Literal["debug", "info", "warning", "error"] = "info",
     export_dtype: Optional[Literal["bfloat16", "float16", "float32"]] = None,
+    export_format: Literal["compatible", "transformers5"] = "compatible",
 ) -> None:
     """Run-level keys of the recipe (their names follow transformers' ``TrainingArguments``).
 
@@ -79,7 +85,43 @@ def run_args(
         wandb_project: the wandb project.
         log_level: level of the ``lit_sft``, ``transformers`` and ``lightning`` Python loggers.
         export_dtype: cast the exported weights; default: the training dtype.
+        export_format: ``compatible`` writes a folder that transformers 4.x (the newest, 4.57) loads with the same
+            config values and logits as transformers 5 (adds 4.x's ``rope_theta``/``rope_scaling`` and
+            ``additional_special_tokens`` next to 5.x's keys; tested in CI); ``transformers5`` writes exactly what
+            ``save_pretrained`` writes. See ``lit_sft/export_compat.py``.
     """
+
+
+def merge_dicts(base: dict, update: dict) -> dict:
+    """``base`` updated key by key with ``update``; nested dicts merge the same way, other values are replaced."""
+    merged = dict(base)
+    for key, value in update.items():
+        old = merged.get(key)
+        merged[key] = merge_dicts(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return merged
+
+
+class OverlayConfigFile(ActionConfigFile):
+    """``--config`` whose later files update dict-valued keys key by key instead of replacing them.
+
+    jsonargparse replaces a dict-typed value given whole (its maintainers keep that on purpose, see
+    jsonargparse#236), so ``--config base.yaml --config overlay.yaml`` with ``model: {model_config:
+    {num_hidden_layers: 2}}`` in the overlay dropped every other ``model_config`` key, while the dotted flag
+    ``--model.model_config.num_hidden_layers 2`` kept them. After jsonargparse has applied a file, every value that
+    is a dict both before and after (``model.model_config``, ``model.lr_scheduler_kwargs``,
+    ``model.gradient_checkpointing_kwargs``, ``data.data_files``, a strategy's ``config``, ...) becomes the earlier
+    dict updated with the file's (:func:`merge_dicts`), so overlays compose as dotted flags do. Scalars and lists are
+    replaced, ``class_path``/``init_args`` merge as jsonargparse already does, and ``key: null`` in a file clears a
+    dict (a later file can then set it afresh). A whole value on the command line still replaces
+    (``--model.model_config '{...}'``, a section file ``--model model.yaml``), as in jsonargparse.
+    """
+
+    def __call__(self, parser: Any, cfg: Any, values: Any, option_string: Optional[str] = None) -> None:
+        before = {key: value for key, value in cfg.items() if isinstance(value, dict)}
+        super().__call__(parser, cfg, values, option_string)
+        for key, value in list(cfg.items()):
+            if isinstance(value, dict) and key in before:
+                cfg[key] = merge_dicts(before[key], value)
 
 
 class SFTCLI(LightningCLI):
@@ -89,8 +131,23 @@ class SFTCLI(LightningCLI):
         parser.add_function_arguments(run_args, nested_key="run")
         parser.set_defaults({"trainer.use_distributed_sampler": False})
 
+    def init_parser(self, **kwargs: Any) -> Any:
+        """LightningCLI's parser with ``--config`` files that merge dict-valued keys (:class:`OverlayConfigFile`)."""
+        kwargs.setdefault("dump_header", [f"lightning.pytorch=={lightning.__version__}"])
+        parser = self.parser_class(**kwargs)
+        parser.add_argument("-c", "--config", action=OverlayConfigFile,
+                            help="Path to a configuration file in json or yaml format; later files update earlier "
+                                 "ones key by key, dict-valued keys included.")
+        return parser
+
     def _run(self) -> dict[str, Any]:
         return dict(self.config[self.subcommand]["run"]) if self.subcommand else dict(self.config["run"])
+
+    def after_instantiate_classes(self) -> None:
+        """Hand ``run.export_format`` to the export callback (built in :meth:`instantiate_trainer`)."""
+        for callback in getattr(self.trainer, "callbacks", None) or []:
+            if isinstance(callback, HFExport):
+                callback.export_format = self._run()["export_format"]
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -165,10 +222,37 @@ class SFTCLI(LightningCLI):
                                   "from; set run.overwrite_output_dir: true or choose another output_dir")
 
 
+def deepspeed_logs_to_stderr() -> None:
+    """Send DeepSpeed's log lines to stderr, so that stdout carries only what a command prints (``--print_config``).
+
+    ``deepspeed.utils.logging`` gives its ``DeepSpeed`` logger a ``StreamHandler`` on the ``sys.stdout`` of the
+    moment it is imported, and that import happens during parsing: jsonargparse resolves the type hints of
+    Lightning's ``DeepSpeedStrategy`` (a ``TYPE_CHECKING`` import of ``deepspeed``) whenever a config names a
+    DeepSpeed strategy, and the import logs "Setting accelerator to CPU" on a machine without CUDA. So import it
+    here first with stdout pointing at stderr (its handler keeps that stream), and point an existing handler on
+    stdout (DeepSpeed imported earlier in this process) at stderr. Without deepspeed installed, nothing to do.
+    """
+    if "deepspeed" not in sys.modules:
+        if importlib.util.find_spec("deepspeed") is None:
+            return
+        with contextlib.redirect_stdout(sys.stderr):
+            import deepspeed  # noqa: F401
+    for handler in logging.getLogger("DeepSpeed").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
+            handler.setStream(sys.stderr)
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``lit_sft`` console script."""
+    deepspeed_logs_to_stderr()
+    from lit_sft.commands import COMMANDS, commands_help, run_command
+
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in COMMANDS:
+        run_command(argv[0], argv[1:])
+        return
     SFTCLI(SFTModule, SFTDataModule, args=args, save_config_kwargs={"overwrite": True},
-           auto_configure_optimizers=False, parser_kwargs={"allow_abbrev": False})
+           auto_configure_optimizers=False, parser_kwargs={"allow_abbrev": False, "epilog": commands_help()})
 
 
 if __name__ == "__main__":

@@ -28,10 +28,14 @@ def resolve_attn_implementation(requested: Optional[str], padding_free: bool = F
     batches) or to PyTorch's varlen attention ``lit_sft_varlen`` (padding-free batches; see ``lit_sft/attention.py``).
 
     The fallback keeps the recipe runnable on machines without a flash-attn build (its wheels are source-only); it
-    computes the same function, only speed and memory differ.
+    computes the same function, only speed and memory differ. For padding-free batches the fallback is
+    ``lit_sft_varlen`` on CPU too: ``sdpa`` is exact there as well (transformers' packed-sequence mask, checked by
+    :func:`lit_sft.attention.packed_rows_isolated_by_mask`) and is accepted when asked for, but it holds an
+    ``N x N`` mask for a micro-batch of ``N`` tokens where the per-row loop needs only the rows' own squares.
 
     Raises:
-        ValueError: padding-free batches with a backend that does not keep rows apart.
+        ValueError: padding-free batches with a backend that does not keep rows apart
+            (:func:`lit_sft.attention.check_isolates_rows`).
     """
     from lit_sft.attention import VARLEN, check_isolates_rows, register_varlen_attention
 

@@ -37,7 +37,8 @@ class SFTModule(L.LightningModule):
         torch_dtype: dtype the weights are loaded in (recipe: ``bfloat16``).
         attn_implementation: ``flash_attention_2`` (recipe; without flash-attn it falls back, with a warning, to
             ``sdpa`` for padded batches or to ``lit_sft_varlen``, PyTorch's varlen attention, for padding-free ones),
-            ``lit_sft_varlen``, ``sdpa`` or ``eager`` (the last two only with padded batches).
+            ``lit_sft_varlen``, ``sdpa`` or ``eager`` (the last two keep padding-free rows apart through
+            transformers' packed-sequence mask; see ``lit_sft/attention.py``).
         random_init: build the architecture with random weights instead of loading them (benchmarks, smoke tests).
         model_config: overrides of the model config (e.g. a tiny ``num_hidden_layers``), or, without
             ``model_name_or_path``, the whole config including ``model_type``.

@@ -9,6 +9,7 @@ import os
 import re
 import time
 
+import lightning as L
 import pytest
 import torch
 
@@ -208,3 +209,111 @@ def _wandb_history(run_dir: str) -> list[dict]:
             history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                             for item in record.history.item})
     return history
+
+
+INVALID_GENERATION = {"eos_token_id": 151643, "do_sample": False, "temperature": 0.7, "top_p": 0.8, "top_k": 20}
+
+
+class _WarningsAtFirstBatch(L.Callback):
+    """The warnings caught (by the test's ``catch_warnings``) when the first micro-batch starts."""
+
+    def __init__(self, caught: list) -> None:
+        self.caught, self.before = caught, None
+
+    def on_train_batch_start(self, *args) -> None:
+        if self.before is None:
+            self.before = [str(w.message) for w in self.caught]
+
+
+def test_invalid_base_generation_config_is_normalised_before_training(tmp_path):
+    """A base model whose generation_config.json sets sampling flags with ``do_sample: false`` (common in published
+    checkpoints; transformers refuses to save it once changed): the flags are unset, with a warning, before the
+    first step; the run ends with the folder written and a generation config that transformers validates."""
+    import warnings
+
+    from transformers import GenerationConfig
+
+    from lit_sft.export import HFExport
+
+    base = save_tiny_model(str(tmp_path / "init"))
+    with open(os.path.join(base, "generation_config.json"), "w") as f:
+        json.dump(INVALID_GENERATION, f)
+    reference = GenerationConfig.from_pretrained(base)  # transformers' own verdict on this input, once modified
+    reference.eos_token_id = [151645, 151643]
+    with pytest.raises(ValueError, match="GenerationConfig is invalid"):
+        reference.save_pretrained(str(tmp_path / "reference"))
+
+    out = tmp_path / "hf"
+    data = sft_data(write_jsonl(str(tmp_path / "rows.jsonl"), chat_rows(12, seed=4)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = _WarningsAtFirstBatch(caught)
+        trainer = cpu_trainer(str(tmp_path), [first, HFExport(str(out))], max_epochs=1)
+        trainer.fit(sft_module(base, learning_rate=1e-2), data)
+    assert trainer.global_step == 3
+    normalised = [m for m in first.before if "generation_config.json normalised" in m]
+    assert normalised and all(f"{k}: {v!r} -> None" in normalised[0] for k, v in
+                              [("temperature", 0.7), ("top_p", 0.8), ("top_k", 20)]), first.before
+
+    saved = GenerationConfig.from_pretrained(str(out))
+    saved.validate(strict=True)
+    assert saved.do_sample is False and saved.temperature is None and saved.top_p is None and saved.top_k is None
+    assert saved.eos_token_id == [data.tokenizer.convert_tokens_to_ids(IM_END), 151643]
+    assert os.path.isfile(out / "model.safetensors")
+
+
+def _cli_args(tmp_path, out) -> list[str]:
+    base = save_tiny_model(str(tmp_path / "init"))
+    rows = write_jsonl(str(tmp_path / "rows.jsonl"), chat_rows(8, seed=3))
+    return ["fit", "--model.model_name_or_path", base, "--model.torch_dtype", "float32",
+            "--model.attn_implementation", "sdpa", "--model.gradient_checkpointing", "false",
+            "--model.learning_rate", "1e-2", "--data.dataset_name", rows, "--data.tokenizer_name_or_path",
+            QWEN_TOKENIZER, "--data.max_length", "128", "--data.per_device_train_batch_size", "2",
+            "--data.gradient_accumulation_steps", "1", "--data.num_workers", "0", "--trainer.accelerator", "cpu",
+            "--trainer.devices", "1", "--trainer.precision", "32-true", "--trainer.max_steps", "2",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--run.output_dir", str(out), "--run.save_steps", "2"]
+
+
+def test_failed_export_keeps_the_checkpoint_and_lit_sft_export_redoes_it(tmp_path, monkeypatch):
+    """A save that fails at the end of training (here: a full disk) fails the run only after the final checkpoint
+    is written, naming the command that redoes the export; ``lit_sft export --config <the run's config>`` then
+    writes the folder from that checkpoint, with its exact weights."""
+    import lit_sft.export as export_module
+    from transformers import AutoModelForCausalLM
+
+    from lit_sft.cli import main
+
+    out = tmp_path / "run"
+    save = export_module.save_hf_folder
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module, "save_hf_folder", full_disk)
+    with pytest.raises(RuntimeError, match=r"lit_sft export --config \S+config\.yaml") as failure:
+        main(_cli_args(tmp_path, out))
+    assert "No space left on device" in str(failure.value)
+    ckpt = out / "checkpoints" / "step-000002.ckpt"
+    assert ckpt.is_file() and not (out / "model.safetensors").exists()
+
+    monkeypatch.setattr(export_module, "save_hf_folder", save)
+    config = re.search(r"lit_sft export --config (\S+config\.yaml)", str(failure.value)).group(1)
+    main(["export", "--config", config])
+    exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    trained = AutoModelForCausalLM.from_config(exported.config, dtype=torch.float32)
+    trained.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    ids = torch.tensor([[151644, 872, 198, 22, 353, 220, 21, 30, 151645]])
+    assert torch.equal(logits_of(exported, ids), logits_of(trained, ids))
+    with open(out / "README.md") as f:
+        assert "exported from the checkpoint `step-000002.ckpt` with `lit_sft export`" in f.read()
+
+
+def test_export_command_needs_a_checkpoint(tmp_path):
+    from lit_sft.cli import main
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint in .*pass --ckpt_path"):
+        main(["export", "--model.model_name_or_path", save_tiny_model(str(tmp_path / "init")),
+              "--data.dataset_name", "x.jsonl", "--data.tokenizer_name_or_path", QWEN_TOKENIZER,
+              "--run.output_dir", str(tmp_path / "empty")])

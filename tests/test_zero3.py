@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sft_harness import (fit_lit_sft, load_model, max_abs_diff, model_params, reference_adamw, run_script,
+from sft_harness import (TOKENIZER, fit_lit_sft, load_model, max_abs_diff, model_params, reference_adamw, run_script,
                          save_tiny_qwen2, token_ids, write_rows)
 
 ANSWER_WORDS = [150, 1, 60, 4, 100, 2, 30]
@@ -40,10 +40,11 @@ def run(tmp_path_factory):
     out, export = tmp / "run", tmp / "export"
     run_script("tests/scripts/sft_run.py", "--model-dir", model_dir, "--data", str(tmp / "rows.jsonl"), "--out",
                str(out), "--strategy", "zero3", "--devices", "2", "--micro", "1", "--accum", "2", "--max-steps", "2",
-               "--gradient-checkpointing", "--loss-chunk-size", "64", "--check-load", "--export-dir", str(export))
+               "--gradient-checkpointing", "--loss-chunk-size", "64", "--check-load", "--export-dir", str(export),
+               "--save-checkpoint", str(out / "final.ckpt"))
     return dict(tmp=tmp, data=str(tmp / "rows.jsonl"), model_dir=model_dir, ids=token_ids(rows),
                 report=json.loads((out / "report.json").read_text()), params=torch.load(out / "params.pt"),
-                export=str(export))
+                export=str(export), checkpoint=str(out / "final.ckpt"))
 
 
 def test_pretrained_weights_load_into_the_shards(run):
@@ -110,3 +111,20 @@ def test_export_reloads_with_plain_transformers_and_same_logits(run):
           f"(vs untrained: {(got - initial).abs().max().item():.3e})")
     assert diff < 1e-5
     assert (got - initial).abs().max().item() > 1e-2
+
+
+def test_export_command_from_zero3_checkpoint_folder(run, tmp_path):
+    """``lit_sft export --ckpt_path <ZeRO-3 folder>`` (2 ranks' shards, consolidated by DeepSpeed) writes the same
+    weights as the export at the end of training, and the folder reloads in plain transformers."""
+    from lit_sft.cli import main
+
+    assert os.path.isdir(run["checkpoint"]) and os.path.isfile(os.path.join(run["checkpoint"], "latest"))
+    out = tmp_path / "from_checkpoint"
+    main(["export", "--model.model_name_or_path", run["model_dir"], "--model.torch_dtype", "float32",
+          "--data.dataset_name", run["data"], "--data.tokenizer_name_or_path", TOKENIZER,
+          "--run.output_dir", str(out), "--ckpt_path", run["checkpoint"]])
+    exported = load_file(os.path.join(run["export"], "model.safetensors"))
+    again = load_file(str(out / "model.safetensors"))
+    assert set(again) == set(exported)
+    assert max_abs_diff(again, exported) == 0.0
+    assert max_abs_diff(again, run["params"]) == 0.0

@@ -8,7 +8,8 @@ global rank 0, into ``--out``:
 * ``report.json``: the last step's metrics, and with ``--check-load`` what the ZeRO-3 model held right after
   ``configure_model``: per parameter, the local shard size, the gathered shape and ``max |gathered - file|``.
 
-With ``--export-dir`` the run also writes the Hugging Face folder with ``lit_sft.export.HFExport``.
+With ``--export-dir`` the run also writes the Hugging Face folder with ``lit_sft.export.HFExport``; with
+``--save-checkpoint PATH`` it saves the final Lightning checkpoint there (a folder of ZeRO shards under DeepSpeed).
 """
 
 from __future__ import annotations
@@ -72,6 +73,16 @@ class SaveParameters(L.Callback):
             torch.save(full, os.path.join(self.out, "params.pt"))
 
 
+class SaveCheckpoint(L.Callback):
+    """At the end of training, ``trainer.save_checkpoint(path)`` (a collective: every rank writes its shards)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        trainer.save_checkpoint(self.path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", required=True)
@@ -88,6 +99,7 @@ def main() -> None:
     parser.add_argument("--max-tokens-per-micro-batch", type=int)
     parser.add_argument("--check-load", action="store_true")
     parser.add_argument("--export-dir")
+    parser.add_argument("--save-checkpoint")
     args = parser.parse_args()
 
     from lit_sft.export import HFExport
@@ -103,6 +115,8 @@ def main() -> None:
     callbacks = [c for c in (check, SaveParameters(args.out)) if c is not None]
     if args.export_dir:
         callbacks.append(HFExport(args.export_dir))
+    if args.save_checkpoint:
+        callbacks.append(SaveCheckpoint(args.save_checkpoint))
     module_kwargs = {"loss_chunk_size": args.loss_chunk_size} if args.loss_chunk_size else None
     trainer, module = fit_lit_sft(args.model_dir, args.data, args.micro, args.accum, args.max_steps,
                                   devices=args.devices, strategy=strategy,
