@@ -5,14 +5,14 @@ The loss of an optimizer step is
     L = (sum of token losses over every micro-batch of the step, on every rank) / (supervised tokens in the step)
 
 (the "global token mean"). The denominator is the batch's ``num_items_in_batch``
-(:class:`lit_sft.data.batch.SFTBatch`), the name transformers' ``Trainer`` and TRL give the same count: their
-``loss_sum / num_items_in_batch``, times the process count with ``average_tokens_across_devices``, is what lit_sft
-back-propagates. Each micro-batch back-propagates ``loss_sum * world_size / num_items_in_batch``: gradients then
-add up over micro-batches, and the data-parallel reduction (DDP, DeepSpeed ZeRO) *averages* over ``world_size``
-ranks, so the optimizer sees exactly ``grad L``. Nothing else may divide: Lightning's ``accumulate_grad_batches`` stays 1 (the
-data module plans accumulation) and DeepSpeed runs with ``managed_gradient_accumulation: false`` (see
-``lit_sft/strategy.py``), so neither divides by an accumulation count. A short last step of an epoch is normalised
-by the tokens it actually holds.
+(:class:`lit_sft.data.batch.SFTBatch`), the name transformers' ``Trainer`` and TRL give the same count (they gather
+it from every rank each step; lit_sft's planner knows it without communication). Each micro-batch back-propagates
+``loss_sum * world_size / num_items_in_batch``, as transformers' ``compute_loss`` does with
+``average_tokens_across_devices``: gradients then add up over micro-batches, and the data-parallel reduction (DDP,
+DeepSpeed ZeRO) *averages* over ``world_size`` ranks, so the optimizer sees exactly ``grad L``. Nothing else may
+divide: Lightning's ``accumulate_grad_batches`` stays 1 (the data module plans accumulation) and DeepSpeed runs
+with ``managed_gradient_accumulation: false`` (see ``lit_sft/strategy.py``), so neither divides by an accumulation
+count. A short last step of an epoch is normalised by the tokens it actually holds.
 
 Per-source losses (``data.dataset_mixture``): the same sums restricted to each source's tokens, divided by that
 source's supervised tokens in the step (``lit_sft/metrics.py``), so ``train/loss/<source>`` is exact in the same
