@@ -5,8 +5,9 @@ Both uses put items of known sizes (row lengths in tokens) into bins of a fixed 
 :mod:`lit_sft.data.sampler`), and both go through :func:`best_fit_decreasing`.
 
 The rule is TRL's ``bfd`` packing strategy (``trl.data_utils._pack_bfd``, after "Fewer Truncations Improve Language
-Modeling", Ding et al. 2024), tie-breaks included, so that ``data.packing: true`` groups rows exactly as TRL's
-``SFTTrainer`` with ``packing: true`` does:
+Modeling", Ding et al. 2024), tie-breaks included (``tests/data/test_packing.py`` compares the groups with TRL's).
+TRL's ``SFTTrainer`` applies it within each ``datasets.map`` batch of 1,000 rows; ``data.packing`` applies it to all
+rows at once, which leaves fewer partly filled sequences:
 
 1. items in decreasing size, equal sizes in index order (a stable sort);
 2. each item goes to the open bin with the *least* room that still fits it; among bins with that same room, the one
