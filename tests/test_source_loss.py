@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import lightning as L
 import pytest
@@ -105,3 +106,36 @@ def test_per_source_loss_across_two_processes(setup):
     assert report["world_size"] == 2
     _check(report["steps"], setup["reference"], "2 processes")
     assert max_abs_diff(torch.load(os.path.join(out, "params.pt")), setup["params"]) < 1e-6
+
+
+def test_cli_mixture_overlay(tmp_path, monkeypatch, capsys):
+    """``configs/mixture.yaml`` parses over the recipe; a mixture on the tiny config logs ``train/loss/<source>`` to
+    the CSV log, with loader workers, and the model card names the mixture's datasets."""
+    import yaml
+
+    from conftest import ROOT
+    from lit_sft.cli import main
+    from sft_helpers import read_metrics_csv
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/qwen_zero3.yaml", "--config", "configs/mixture.yaml", "--print_config"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if not re.match(r"\[\d{4}-\d\d-\d\d ", line)]
+    mixture = yaml.safe_load("\n".join(lines))["data"]["dataset_mixture"]
+    assert [(s["config"], s["weight"]) for s in mixture["datasets"]] == [("math", 0.5), ("code", 1.0), ("science", 1.0)]
+    overlay = tmp_path / "mix.yaml"
+    overlay.write_text(yaml.safe_dump({"data": {"dataset_mixture": {
+        "datasets": [{"id": "data/tiny_math.jsonl", "weight": 0.25, "name": "quarter"},
+                     {"id": "data/tiny_math.jsonl", "weight": 0.5, "name": "half"}], "seed": 1}}}))
+    out = tmp_path / "run"
+    main(["fit", "--config", "configs/tiny_cpu.yaml", "--config", str(overlay), "--trainer.max_steps", "2",
+          "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false", "--data.num_workers", "2",
+          "--run.output_dir", str(out)])
+    metrics = read_metrics_csv(str(out / "logs" / "metrics.csv"))
+    assert sorted(metrics) == [1, 2]
+    for step in metrics.values():
+        assert {"train/loss/quarter", "train/loss/half"} <= set(step)
+        # the step's loss is the token-weighted mean of the sources' losses: between them
+        low, high = sorted((step["train/loss/quarter"], step["train/loss/half"]))
+        assert low - 1e-6 <= step["train/loss"] <= high + 1e-6
+    assert "`data/tiny_math.jsonl`" in (out / "README.md").read_text()
