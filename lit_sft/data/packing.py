@@ -16,13 +16,19 @@ rows at once, which leaves fewer partly filled sequences:
 Rooms are integers in ``[0, capacity]``; a segment tree over room values holds, per node, the largest room present
 in its range, so "the least room >= size" is one descent (``log2(capacity)`` levels) and every item costs
 O(log C) plus the sort's O(log N): 100k rows of R1-like lengths pack in about a second
-(``benchmarks/pack_rows.py``), where a scan over all open bins per item (quadratic) took minutes.
+(``benchmarks/pack_rows.py``), where a scan over all open bins per item (quadratic) took minutes. For a few items
+(the planner packs a rank's rows of one step, a dozen or so, into micro-batches of 64k tokens) scanning the open
+bins is cheaper than building a tree of ``2 * capacity`` nodes, so up to :data:`SCAN_ITEMS` items the bins are
+scanned; both ways give the same bins.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from typing import Any, Sequence
+
+# Up to this many items, best_fit_decreasing scans the open bins instead of building the room tree.
+SCAN_ITEMS = 64
 
 
 class _RoomTree:
@@ -83,6 +89,8 @@ def best_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:
     if len(sizes) and min(sizes) < 1:
         raise ValueError(f"item {list(sizes).index(min(sizes))} has size {min(sizes)}; sizes must be >= 1")
     order = sorted(range(len(sizes)), key=lambda i: -sizes[i])  # stable: equal sizes keep index order
+    if len(order) <= SCAN_ITEMS:
+        return _scan_open_bins(order, sizes, capacity)
     rooms = _RoomTree(capacity)
     bins_with_room: dict[int, deque[int]] = {}  # room -> open bins with exactly this room, first in first out
     bins: list[list[int]] = []
@@ -108,6 +116,27 @@ def best_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:
             if not queue:
                 rooms.set(room, True)
             queue.append(b)
+    return bins
+
+
+def _scan_open_bins(order: list[int], sizes: Sequence[int], capacity: int) -> list[list[int]]:
+    """:func:`best_fit_decreasing` for a few items: every open bin is looked at for every item."""
+    bins: list[list[int]] = []
+    rooms: list[int] = []
+    since: list[int] = []  # when each bin's room last changed: among equal rooms, the earliest is first in line
+    for clock, item in enumerate(order):
+        size, best = sizes[item], -1
+        for b, room in enumerate(rooms):
+            if size <= room and (best < 0 or room < rooms[best] or (room == rooms[best] and since[b] < since[best])):
+                best = b
+        if best < 0:
+            best = len(bins)
+            bins.append([])
+            rooms.append(capacity)
+            since.append(clock)
+        bins[best].append(item)
+        rooms[best] = max(rooms[best] - size, 0)
+        since[best] = clock
     return bins
 
 

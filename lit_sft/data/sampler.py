@@ -124,7 +124,7 @@ def plan_epoch(
         world_size: number of data-parallel ranks.
         seed, epoch: the row order is drawn from ``seed + epoch``.
         shuffle: draw a permutation (``True``) or keep dataset order.
-        lengths: tokens of each row; default ``num_loss_tokens`` (a proxy, for tests). Needed with a token budget.
+        lengths: tokens of each row; default ``num_loss_tokens`` (a proxy, for tests).
         max_tokens_per_micro_batch: token budget of a micro-batch: the step's rows (still ``rows_per_step``) are
             packed into micro-batches of at most this many tokens (a longer row goes alone) instead of
             ``micro_batch_size`` rows each.

@@ -36,9 +36,9 @@ def reference_bfd(sizes: list[int], capacity: int) -> list[list[int]]:
 
 def _cases():
     rng = random.Random(0)
-    for case in range(60):
+    for case in range(60):  # both ways of packing: scanning the open bins (few items) and the room tree
         capacity = rng.choice([1, 7, 16, 100, 1000])
-        n = rng.randint(0, 120)
+        n = rng.randint(0, packing.SCAN_ITEMS) if case % 2 else rng.randint(packing.SCAN_ITEMS + 1, 400)
         top = rng.choice([2, 4, capacity])  # few distinct sizes: many ties in sizes and in rooms
         yield case, [rng.randint(1, max(1, min(top, capacity))) for _ in range(n)], capacity
 
