@@ -169,4 +169,5 @@ def token_sources(source_ids: Tensor, shape: torch.Size, seq_lens: Optional[Tens
     """
     if seq_lens is None:
         return source_ids[:, None].expand(shape)
-    return torch.repeat_interleave(source_ids, seq_lens.to(source_ids.device)).reshape(shape)
+    repeated = torch.repeat_interleave(source_ids, seq_lens.to(source_ids.device), output_size=shape.numel())
+    return repeated.reshape(shape)  # output_size: no device-to-host sync for the length
