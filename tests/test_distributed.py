@@ -3,11 +3,11 @@
 7 rows with answers of very different lengths, in file order, 2 optimizer steps of 4 + 3 rows. With 2 ranks x
 micro-batch 1 x accumulation 2, the planner balances the ranks' compute, but with 2 rows per rank and one row far
 longer than the others their token counts still differ ~2x, and in the short last step one rank runs a filler
-micro-batch (:func:`rank_rows`). Each 2-process run (``tests/scripts/sft_run.py``, gloo on CPU) must end with the parameters of the single-process run
-(micro-batch 4, in this process) and of the plain-PyTorch reference (``tests/sft_harness.py``) within 1e-6, through
-DDP and DeepSpeed ZeRO-2 (ZeRO-3: ``tests/test_zero3.py``). A normalisation by each rank's own tokens (averaging
-the ranks' token means) would land >> 1e-6 away. The logged ``train/rank_token_imbalance`` is checked against the
-plan's tokens per rank.
+micro-batch (:func:`rank_rows`). Each 2-process run (``tests/scripts/sft_run.py``, gloo on CPU) must end with the
+parameters of the single-process run (micro-batch 4, in this process) and of the plain-PyTorch reference
+(``tests/sft_harness.py``) within 1e-6, through DDP and DeepSpeed ZeRO-2 (ZeRO-3: ``tests/test_zero3.py``). A
+normalisation by each rank's own tokens (averaging the ranks' token means) would land >> 1e-6 away. The logged
+``train/rank_token_imbalance`` is checked against the plan's tokens per rank.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ global rank 0, into ``--out``:
 
 * ``params.pt``: the full trained parameters (gathered with ``deepspeed.zero.GatheredParameters`` under ZeRO-3);
 * ``report.json``: the last step's metrics, every step's metrics (``steps``), and with ``--check-load`` what the
-  ZeRO-3 model held right after ``configure_model``: per parameter, the local shard size, the gathered shape and ``max |gathered - file|``.
+  ZeRO-3 model held right after ``configure_model``: per parameter, the local shard size, the gathered shape and
+  ``max |gathered - file|``.
 
 With ``--export-dir`` the run also writes the Hugging Face folder with ``lit_sft.export.HFExport``.
 """
