@@ -108,6 +108,7 @@ def test_per_source_loss_across_two_processes(setup):
     assert max_abs_diff(torch.load(os.path.join(out, "params.pt")), setup["params"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_cli_mixture_overlay(tmp_path, monkeypatch, capsys):
     """``configs/mixture.yaml`` parses over the recipe; a mixture on the tiny config logs ``train/loss/<source>`` to
     the CSV log, with loader workers, and the model card names the mixture's datasets."""
