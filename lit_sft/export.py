@@ -162,12 +162,13 @@ def model_card(module: L.LightningModule, datamodule: Any, metrics: dict[str, fl
 
     mh, dh = dict(module.hparams), dict(getattr(datamodule, "hparams", {}) or {})
     base = mh.get("model_name_or_path")
-    dataset = dh.get("dataset_name")
+    mixture = dh.get("dataset_mixture")  # data.dataset_mixture replaces data.dataset_name
+    datasets = list(dict.fromkeys(s["id"] for s in mixture["datasets"])) if mixture else [dh.get("dataset_name")]
 
     def hub_id(name: Any) -> Optional[str]:  # local paths are not hub ids: keep them out of the card's metadata
         return name if name and not os.path.exists(name) else None
 
-    data = ModelCardData(base_model=hub_id(base), datasets=[hub_id(dataset)] if hub_id(dataset) else None,
+    data = ModelCardData(base_model=hub_id(base), datasets=[hub_id(d) for d in datasets if hub_id(d)] or None,
                          library_name="transformers", tags=["lit_sft", "sft"], pipeline_tag="text-generation")
     keys = ["learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio", "weight_decay",
             "max_grad_norm", "torch_dtype", "gradient_checkpointing", "use_liger_kernel"]
@@ -188,8 +189,8 @@ def model_card(module: L.LightningModule, datamodule: Any, metrics: dict[str, fl
     body = "\n".join([
         f"# {os.path.basename(str(base or 'model'))} fine-tuned with lit_sft", "",
         f"Supervised fine-tuning of {f'`{base}`' if base else 'a randomly initialised ' + model_type}"
-        f"{' (random init)' if base and mh.get('random_init') else ''} on `{dh.get('dataset_name')}` with lit_sft "
-        "(PyTorch Lightning).", "",
+        f"{' (random init)' if base and mh.get('random_init') else ''} on {', '.join(f'`{d}`' for d in datasets)} "
+        "with lit_sft (PyTorch Lightning).", "",
         "## Hyper-parameters", "", "| key | value |", "|---|---|", *rows, "",
         "## Results", "",
         f"- optimizer steps: {int(metrics.get('global_step', 0))}",

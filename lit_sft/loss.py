@@ -4,18 +4,25 @@ The loss of an optimizer step is
 
     L = (sum of token losses over every micro-batch of the step, on every rank) / (supervised tokens in the step)
 
-(the "global token mean"; transformers' ``num_items_in_batch`` and TRL's ``average_tokens_across_devices`` compute
-the same). Each micro-batch back-propagates ``loss_sum * world_size / step_loss_tokens``: gradients then add up over
-micro-batches, and the data-parallel reduction (DDP, DeepSpeed ZeRO) *averages* over ``world_size`` ranks, so the
-optimizer sees exactly ``grad L``. Nothing else may divide: Lightning's ``accumulate_grad_batches`` stays 1 (the
-data module plans accumulation) and DeepSpeed runs with ``managed_gradient_accumulation: false`` (see
-``lit_sft/strategy.py``), so neither divides by an accumulation count. A short last step of an epoch is normalised
-by the tokens it actually holds.
+(the "global token mean"). The denominator is the batch's ``num_items_in_batch``
+(:class:`lit_sft.data.batch.SFTBatch`), the name transformers' ``Trainer`` and TRL give the same count (they gather
+it from every rank each step; lit_sft's planner knows it without communication). Each micro-batch back-propagates
+``loss_sum * world_size / num_items_in_batch``, as transformers' ``compute_loss`` does with
+``average_tokens_across_devices``: gradients then add up over micro-batches, and the data-parallel reduction (DDP,
+DeepSpeed ZeRO) *averages* over ``world_size`` ranks, so the optimizer sees exactly ``grad L``. Nothing else may
+divide: Lightning's ``accumulate_grad_batches`` stays 1 (the data module plans accumulation) and DeepSpeed runs
+with ``managed_gradient_accumulation: false`` (see ``lit_sft/strategy.py``), so neither divides by an accumulation
+count. A short last step of an epoch is normalised by the tokens it actually holds.
+
+Per-source losses (``data.dataset_mixture``): the same sums restricted to each source's tokens, divided by that
+source's supervised tokens in the step (``lit_sft/metrics.py``), so ``train/loss/<source>`` is exact in the same
+way. They need per-token losses, which :func:`chunked_token_loss_sum` has; Liger's fused cross-entropy returns only
+the total, so with it no per-source loss is computed (``SFTModule`` says so once; nothing wrong is logged).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,23 +54,45 @@ def token_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tens
     return loss_sum, mask.sum(), num_correct
 
 
-def backward_scale(step_loss_tokens: int, world_size: int) -> float:
-    """Factor that turns a micro-batch's ``loss_sum`` into the value to back-propagate: ``world_size / tokens``.
+class LossSums(NamedTuple):
+    """A micro-batch's summed loss and counts (all scalars unless said; ``K`` = number of mixture sources).
+
+    Attributes:
+        loss_sum: float32, summed token loss in nats (in the autograd graph).
+        num_loss_tokens: long, supervised targets.
+        num_correct: long, targets the argmax predicts; ``None`` when the loss path computes no logits (Liger).
+        source_loss_sums: ``[K]`` float32 (detached), ``loss_sum`` split by the source of each token's row; ``None``
+            without sources or without per-token losses (Liger).
+        source_loss_tokens: ``[K]`` long, ``num_loss_tokens`` split the same way; ``None`` with ``source_loss_sums``.
+    """
+
+    loss_sum: Tensor
+    num_loss_tokens: Tensor
+    num_correct: Optional[Tensor]
+    source_loss_sums: Optional[Tensor] = None
+    source_loss_tokens: Optional[Tensor] = None
+
+
+def backward_scale(num_items_in_batch: int, world_size: int) -> float:
+    """Factor that turns a micro-batch's ``loss_sum`` into the value to back-propagate:
+    ``world_size / num_items_in_batch``.
 
     Args:
-        step_loss_tokens: supervised tokens in the whole optimizer step (all micro-batches, all ranks).
+        num_items_in_batch: supervised tokens in the whole optimizer step (all micro-batches, all ranks).
         world_size: data-parallel ranks whose gradients the strategy averages.
 
     Raises:
-        ValueError: ``step_loss_tokens`` is not positive (the data module never plans such a step).
+        ValueError: ``num_items_in_batch`` is not positive (the data module never plans such a step).
     """
-    if step_loss_tokens <= 0:
-        raise ValueError(f"an optimizer step with {step_loss_tokens} supervised tokens cannot be normalised")
-    return world_size / step_loss_tokens
+    if num_items_in_batch <= 0:
+        raise ValueError(f"an optimizer step with num_items_in_batch={num_items_in_batch} supervised tokens cannot "
+                         "be normalised")
+    return world_size / num_items_in_batch
 
 
 def chunked_token_loss_sum(hidden_states: Tensor, lm_head: torch.nn.Module, labels: Tensor,
-                           chunk_size: int = 4096, num_chunks: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+                           chunk_size: int = 4096, num_chunks: Optional[int] = None,
+                           token_sources: Optional[Tensor] = None, num_sources: int = 0) -> LossSums:
     """:func:`token_loss_sum` without materialising the ``[B, T, V]`` logits.
 
     The shifted positions are processed ``chunk_size`` tokens at a time; each chunk's projection + cross-entropy is
@@ -81,9 +110,13 @@ def chunked_token_loss_sum(hidden_states: Tensor, lm_head: torch.nn.Module, labe
             calls: the caller passes the maximum over ranks. Default: as many as this micro-batch needs, and at least
             one, so that a micro-batch without supervised tokens (a planner's filler) still returns a zero loss
             inside the autograd graph (DDP and DeepSpeed back-propagate it like any other).
+        token_sources: ``[B, T]`` long, the mixture source of each position's row (:func:`token_sources`); the
+            per-token losses are then also summed per source (``scatter_add``) into ``source_loss_sums``.
+        num_sources: ``K``, the number of sources.
 
     Returns:
-        ``(loss_sum, num_tokens, num_correct)`` as :func:`token_loss_sum`.
+        :class:`LossSums`: ``(loss_sum, num_tokens, num_correct)`` as :func:`token_loss_sum`, plus the per-source
+        sums with ``token_sources``.
 
     Raises:
         ValueError: ``num_chunks`` is smaller than the chunks the supervised positions need.
@@ -94,20 +127,47 @@ def chunked_token_loss_sum(hidden_states: Tensor, lm_head: torch.nn.Module, labe
     targets = labels[:, 1:].flatten()
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(-1)  # unsupervised positions never reach lm_head
     h, targets = h.index_select(0, keep), targets.index_select(0, keep)
+    sources = token_sources[:, 1:].flatten().index_select(0, keep) if token_sources is not None else None
 
-    def chunk_loss(h_chunk: Tensor, t_chunk: Tensor) -> tuple[Tensor, Tensor]:
+    def chunk_loss(h_chunk: Tensor, t_chunk: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         logits = lm_head(h_chunk).float()
-        loss = F.cross_entropy(logits, t_chunk, reduction="sum")
-        return loss, (logits.argmax(-1) == t_chunk).sum()
+        losses = F.cross_entropy(logits, t_chunk, reduction="none")
+        return losses.sum(), (logits.argmax(-1) == t_chunk).sum(), losses.detach()
 
+    device = hidden_states.device
     loss_sum = hidden_states.new_zeros((), dtype=torch.float32)
-    num_correct = torch.zeros((), dtype=torch.long, device=hidden_states.device)
+    num_correct = torch.zeros((), dtype=torch.long, device=device)
+    source_sums = torch.zeros(num_sources, dtype=torch.float32, device=device) if sources is not None else None
     needed = max(1, -(-h.shape[0] // chunk_size))
     if num_chunks is not None and num_chunks < needed:
         raise ValueError(f"num_chunks={num_chunks} cannot hold {h.shape[0]} positions in chunks of {chunk_size}")
     for start in range(0, (num_chunks or needed) * chunk_size, chunk_size):
-        loss, correct = checkpoint(chunk_loss, h[start:start + chunk_size], targets[start:start + chunk_size],
-                                   use_reentrant=False)
+        chunk = slice(start, start + chunk_size)
+        loss, correct, losses = checkpoint(chunk_loss, h[chunk], targets[chunk], use_reentrant=False)
         loss_sum = loss_sum + loss
         num_correct = num_correct + correct
-    return loss_sum, torch.as_tensor(keep.numel(), device=hidden_states.device), num_correct
+        if source_sums is not None:
+            source_sums.scatter_add_(0, sources[chunk], losses)
+    source_tokens = None
+    if sources is not None:  # scatter_add, not bincount: no device-to-host sync
+        source_tokens = torch.zeros(num_sources, dtype=torch.long, device=device).scatter_add_(
+            0, sources, torch.ones_like(sources))
+    return LossSums(loss_sum, torch.as_tensor(keep.numel(), device=device), num_correct, source_sums, source_tokens)
+
+
+def token_sources(source_ids: Tensor, shape: torch.Size, seq_lens: Optional[Tensor] = None) -> Tensor:
+    """Each position's mixture source, from each row's.
+
+    Args:
+        source_ids: ``[R]`` long, the source of each row (``SFTBatch["source_ids"]``).
+        shape: ``labels.shape``: ``[R, T]`` padded, or ``[1, N]`` padding-free.
+        seq_lens: padding-free only: ``[R]`` lengths of the concatenated rows (``sum = N``).
+
+    Returns:
+        ``[*shape]`` long: padded, row ``i`` is ``source_ids[i]`` at every position; padding-free, the ``i``-th
+        run of ``seq_lens[i]`` positions is ``source_ids[i]``.
+    """
+    if seq_lens is None:
+        return source_ids[:, None].expand(shape)
+    repeated = torch.repeat_interleave(source_ids, seq_lens.to(source_ids.device), output_size=shape.numel())
+    return repeated.reshape(shape)  # output_size: no device-to-host sync for the length

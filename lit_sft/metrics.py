@@ -9,12 +9,15 @@ loggers with ``step = trainer.global_step`` (optimizer steps), every ``trainer.l
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-# Order of the fields in the all-reduced vector.
+from lit_sft.loss import LossSums
+
+# Order of the fields at the head of the all-reduced vector; then each rank's tokens and FLOPs (``world_size`` each),
+# then, with mixture sources, each source's loss sum and supervised tokens (``K`` each).
 _FIELDS = ("loss_sum", "num_loss_tokens", "num_correct", "num_tokens", "num_slots", "flops")
 
 # Dense bf16 tensor-core peak by device name, TFLOP/s (vendor datasheets, SXM parts, no sparsity).
@@ -58,6 +61,11 @@ def device_peak_flops(device: torch.device) -> Optional[float]:
     return None
 
 
+def _max_over_mean(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return max(values) / mean if mean > 0 else float("nan")
+
+
 class StepMetrics:
     """Accumulates one optimizer step's sums on this rank; :meth:`reduce` returns the global step metrics.
 
@@ -69,33 +77,46 @@ class StepMetrics:
         non-padding tokens since the start of training; ``train/tokens_per_s``: non-padding tokens of the step
         divided by the wall-clock seconds since the previous step ended (all ranks together);
         ``train/padding_ratio``: share of the token slots that were padding; ``train/mfu``: model FLOPs
-        (:func:`training_flops`) per second over ``world_size x peak_flops`` (``nan`` without a known peak).
+        (:func:`training_flops`) per second over ``world_size x peak_flops`` (``nan`` without a known peak);
+        ``train/rank_token_imbalance`` and ``train/rank_flops_imbalance``: the busiest rank's non-padding tokens
+        (model FLOPs) over the mean rank's, 1.0 when balanced (the planner balances FLOPs, so with rows of very
+        different lengths the token ratio stays above 1: long rows cost more per token);
+        ``train/loss/<source>`` with mixture sources: the token-mean loss of each source's supervised tokens in the
+        step, over every rank (present for the sources the step holds).
 
     Args:
         peak_flops: one device's peak FLOP/s for MFU, or ``None``.
-        world_size: devices whose FLOPs are summed.
+        world_size, rank: the data-parallel ranks, and this process's.
     """
 
-    def __init__(self, peak_flops: Optional[float] = None, world_size: int = 1) -> None:
-        self.peak_flops, self.world_size = peak_flops, world_size
+    def __init__(self, peak_flops: Optional[float] = None, world_size: int = 1, rank: int = 0) -> None:
+        self.peak_flops, self.world_size, self.rank = peak_flops, world_size, rank
         self._sums: Optional[Tensor] = None
+        self._source_sums: Optional[Tensor] = None  # [2, K]: loss sums, supervised tokens
+        self._source_names: Optional[tuple[str, ...]] = None
         self._has_accuracy = True
         self.tokens_seen = 0
         self._last_time: Optional[float] = None
 
-    def add(self, loss_sum: Tensor, num_loss_tokens: Tensor, num_correct: Optional[Tensor], num_tokens: Tensor,
-            num_slots: int = 0, flops: Optional[Tensor] = None) -> None:
-        """Add one micro-batch's sums (scalars; ``num_correct`` is ``None`` when no logits were computed;
-        ``num_slots`` counts token positions including padding; ``flops`` from :func:`training_flops`)."""
-        device = loss_sum.device
+    def add(self, sums: LossSums, num_tokens: Tensor, num_slots: int = 0, flops: Optional[Tensor] = None,
+            source_names: Optional[Sequence[str]] = None) -> None:
+        """Add one micro-batch's sums: :class:`lit_sft.loss.LossSums` (``num_correct`` ``None`` when no logits were
+        computed; per-source sums, if any, named by ``source_names``), ``num_tokens`` non-padding tokens,
+        ``num_slots`` token positions including padding, ``flops`` from :func:`training_flops`."""
+        device = sums.loss_sum.device
+        num_correct = sums.num_correct
         if num_correct is None:
             self._has_accuracy = False
             num_correct = torch.zeros((), device=device)
-        values = torch.stack([loss_sum.detach().double(), num_loss_tokens.double().to(device),
+        values = torch.stack([sums.loss_sum.detach().double(), sums.num_loss_tokens.double().to(device),
                               num_correct.double().to(device), num_tokens.double().to(device),
                               torch.tensor(float(num_slots), dtype=torch.float64, device=device),
                               (flops if flops is not None else torch.zeros(())).double().to(device)])
         self._sums = values if self._sums is None else self._sums + values
+        if sums.source_loss_sums is not None and source_names is not None:
+            per_source = torch.stack([sums.source_loss_sums.double(), sums.source_loss_tokens.double().to(device)])
+            self._source_sums = per_source if self._source_sums is None else self._source_sums + per_source
+            self._source_names = tuple(source_names)
 
     def start_clock(self) -> None:
         """Mark the start of the first timed step (later steps are timed from the previous step's end)."""
@@ -106,8 +127,17 @@ class StepMetrics:
         """All-reduce the step's sums (a collective: every rank must call it), reset, and return the metrics."""
         if self._sums is None:
             raise RuntimeError("StepMetrics.reduce() called before any micro-batch was added")
-        sums = all_reduce_sum(self._sums).tolist()
-        values = dict(zip(_FIELDS, sums))
+        # One all-reduce for everything: this rank's tokens and FLOPs go to its own slots, zeros elsewhere.
+        ranks = torch.zeros(2, self.world_size, dtype=torch.float64, device=self._sums.device)
+        ranks[0, self.rank] = self._sums[_FIELDS.index("num_tokens")]
+        ranks[1, self.rank] = self._sums[_FIELDS.index("flops")]
+        parts = [self._sums, ranks.flatten()]
+        if self._source_sums is not None:
+            parts.append(self._source_sums.flatten())
+        reduced = all_reduce_sum(torch.cat(parts)).tolist()
+        values = dict(zip(_FIELDS, reduced))
+        w, head = self.world_size, len(_FIELDS)
+        rank_tokens, rank_flops = reduced[head:head + w], reduced[head + w:head + 2 * w]
         now = time.perf_counter()
         elapsed = now - self._last_time if self._last_time is not None else float("nan")
         self._last_time = now
@@ -124,9 +154,17 @@ class StepMetrics:
             "train/mfu": (values["flops"] / elapsed / (self.peak_flops * self.world_size)
                           if self.peak_flops and elapsed > 0 else float("nan")),
         }
+        metrics["train/rank_token_imbalance"] = _max_over_mean(rank_tokens)
+        metrics["train/rank_flops_imbalance"] = _max_over_mean(rank_flops)
+        if self._source_sums is not None:
+            k = len(self._source_names)
+            source_loss, source_tokens = reduced[-2 * k:-k], reduced[-k:]
+            for name, loss_sum, n in zip(self._source_names, source_loss, source_tokens):
+                if n > 0:
+                    metrics[f"train/loss/{name}"] = loss_sum / n
         if torch.cuda.is_available():
             metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        self._sums, self._has_accuracy = None, True
+        self._sums, self._source_sums, self._has_accuracy = None, None, True
         return metrics
 
     def state_dict(self) -> dict[str, Any]:

@@ -8,15 +8,13 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_sft.loss import backward_scale, chunked_token_loss_sum
+from lit_sft.data.batch import PADDING_FREE_KEYS, SFTBatch, check_training_batch
+from lit_sft.loss import LossSums, backward_scale, chunked_token_loss_sum, token_sources
 from lit_sft.metrics import StepMetrics, device_peak_flops, matmul_params, training_flops
 from lit_sft.modeling import apply_liger_kernels, build_causal_lm
 from lit_sft.optim import adamw, check_scheduler, lr_scheduler
-
-
-# Padding-free batches (lit_sft/data/collate.py PaddingFreeCollator) pass these to the model's attention.
-_PADDING_FREE_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 # Checkpoints are taken after the optimizer step on purpose (resume continues from the next step).
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -25,10 +23,11 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 class SFTModule(L.LightningModule):
     """Supervised fine-tuning of a transformers causal LM.
 
-    Optimization is manual so that the module owns the step: every training batch is one micro-batch; it
-    back-propagates ``loss_sum * world_size / step_loss_tokens`` (see ``lit_sft/loss.py``) and, after the step's
-    last micro-batch (``batch["last_in_step"]``), clips, steps AdamW and the LR schedule, and logs the step's
-    metrics (``lit_sft/metrics.py``). ``trainer.global_step`` therefore counts optimizer steps.
+    Optimization is manual so that the module owns the step: every training batch is one micro-batch, an
+    :class:`lit_sft.data.batch.SFTBatch`; it back-propagates ``loss_sum * world_size / num_items_in_batch`` (see
+    ``lit_sft/loss.py``) and, after the step's last micro-batch (``batch["last_in_step"]``), clips, steps AdamW and
+    the LR schedule, and logs the step's metrics (``lit_sft/metrics.py``). ``trainer.global_step`` therefore
+    counts optimizer steps.
 
     Args:
         model_name_or_path: hub id or local folder of the base model (recipe: ``Qwen/Qwen2.5-1.5B-Instruct``);
@@ -131,13 +130,13 @@ class SFTModule(L.LightningModule):
     def on_fit_start(self) -> None:
         peak = self.hparams.mfu_peak_tflops
         self.step_metrics.peak_flops = peak * 1e12 if peak else device_peak_flops(self.device)
-        self.step_metrics.world_size = self.trainer.world_size
+        self.step_metrics.world_size, self.step_metrics.rank = self.trainer.world_size, self.trainer.global_rank
         datamodule = getattr(self.trainer, "datamodule", None)
         self._steps_per_epoch = getattr(datamodule, "optimizer_steps_per_epoch", None)
 
     @staticmethod
-    def sequence_lengths(batch: dict[str, Any]) -> torch.Tensor:
-        """``[B]`` lengths of the sequences in a micro-batch: from ``cu_seq_lens_q`` (padding-free) or the rows of
+    def sequence_lengths(batch: SFTBatch) -> torch.Tensor:
+        """``[R]`` lengths of the rows in a micro-batch: from ``cu_seq_lens_q`` (padding-free) or the rows of
         ``attention_mask`` (padded)."""
         if "cu_seq_lens_q" in batch:
             return batch["cu_seq_lens_q"].diff()
@@ -149,40 +148,59 @@ class SFTModule(L.LightningModule):
         """The causal LM's forward: ``input_ids`` ``[B, T]`` -> output with ``logits`` ``[B, T, V]``."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
 
-    def loss_sums(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Summed token loss of a micro-batch: ``(loss_sum, num_loss_tokens, num_correct or None)``.
+    def loss_sums(self, batch: SFTBatch) -> LossSums:
+        """Summed token loss of a micro-batch and its counts (:class:`lit_sft.loss.LossSums`).
 
         With Liger's fused linear cross-entropy the model computes the loss itself without logits; passing
-        ``num_items_in_batch=1`` makes transformers/Liger return the sum (they divide the summed loss by it), and
-        ``return_token_accuracy=True`` makes Liger count argmax hits in the same pass.
+        ``num_items_in_batch=1`` makes transformers/Liger return the sum (they divide the summed loss by it; the
+        step's real ``num_items_in_batch`` is applied by the caller), and ``return_token_accuracy=True`` makes Liger
+        count argmax hits in the same pass. Liger returns no per-token losses, so there is no per-source loss then.
         Otherwise the base model's hidden states go through :func:`lit_sft.loss.chunked_token_loss_sum`, which
-        never holds more than ``loss_chunk_size`` positions of logits.
+        never holds more than ``loss_chunk_size`` positions of logits, and with mixture sources
+        (``batch["source_ids"]``) also sums the loss per source.
         """
         labels = batch["labels"]
-        packed = {k: batch[k] for k in _PADDING_FREE_KEYS if k in batch}
+        packed = {k: batch[k] for k in PADDING_FREE_KEYS if k in batch}
         if self.fused_loss:
+            if "source_ids" in batch:
+                rank_zero_warn("train/loss/<source> is not logged: Liger's fused cross-entropy "
+                               "(model.use_liger_kernel: true) returns only the total loss; set "
+                               "model.use_liger_kernel: false for per-source losses")
             out = self(batch["input_ids"], batch.get("attention_mask"), labels=labels, num_items_in_batch=1,
                        return_token_accuracy=True, skip_logits=True, **packed)  # fused in evaluation too
             num_loss_tokens = (labels[:, 1:] != -100).sum()
             accuracy = getattr(out, "token_accuracy", None)  # Liger: correct / supervised, without logits
             num_correct = None if accuracy is None else (accuracy.detach().float() * num_loss_tokens).round().long()
-            return out.loss.float(), num_loss_tokens, num_correct
+            return LossSums(out.loss.float(), num_loss_tokens, num_correct)
         hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                        use_cache=False, **packed).last_hidden_state
         chunk, num_chunks = self.hparams.loss_chunk_size, None
         if self.zero3 and self.trainer.world_size > 1:  # ZeRO-3 gathers lm_head at each call: same count on all ranks
             mine = torch.tensor(max(1, -(-int((labels[:, 1:] != -100).sum()) // chunk)), device=hidden.device)
             num_chunks = int(self.trainer.strategy.reduce(mine, reduce_op="max"))
-        return chunked_token_loss_sum(hidden, self.model.get_output_embeddings(), labels, chunk, num_chunks)
+        sources, num_sources = None, 0
+        if "source_ids" in batch:  # mixture: each position's source, for train/loss/<source>
+            seq_lens = self.sequence_lengths(batch) if "cu_seq_lens_q" in batch else None
+            sources = token_sources(batch["source_ids"], labels.shape, seq_lens)
+            num_sources = len(batch["source_names"])
+        return chunked_token_loss_sum(hidden, self.model.get_output_embeddings(), labels, chunk, num_chunks, sources,
+                                      num_sources)
 
     # -- training ------------------------------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def training_step(self, batch: SFTBatch, batch_idx: int) -> None:
+        """One micro-batch: back-propagate its share of the step's token-mean loss; after the step's last
+        micro-batch, the optimizer step.
+
+        Raises:
+            KeyError: the batch lacks a key of :class:`lit_sft.data.batch.SFTBatch` (a data module of your own).
+        """
+        check_training_batch(batch)
         self.step_metrics.start_clock()
-        loss_sum, num_loss_tokens, num_correct = self.loss_sums(batch)
-        self.manual_backward(loss_sum * backward_scale(batch["step_loss_tokens"], self.trainer.world_size))
+        sums = self.loss_sums(batch)
+        self.manual_backward(sums.loss_sum * backward_scale(batch["num_items_in_batch"], self.trainer.world_size))
         seq_lens = self.sequence_lengths(batch)
         flops = training_flops(seq_lens, *self._flops_args)
-        self.step_metrics.add(loss_sum, num_loss_tokens, num_correct, seq_lens.sum(), batch["input_ids"].numel(), flops)
+        self.step_metrics.add(sums, seq_lens.sum(), batch["input_ids"].numel(), flops, batch.get("source_names"))
         if batch["last_in_step"]:
             self._optimizer_step()
 
@@ -219,7 +237,7 @@ class SFTModule(L.LightningModule):
 
     # -- evaluation ----------------------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss_sum, num_loss_tokens, _ = self.loss_sums(batch)
+        loss_sum, num_loss_tokens, *_ = self.loss_sums(batch)
         sums = torch.stack([loss_sum.detach().double(), num_loss_tokens.double()])
         self._val_sums = sums if self._val_sums is None else self._val_sums + sums
 

@@ -1,6 +1,6 @@
 """The optimizer step minimises the global token mean, however the step is cut into micro-batches.
 
-lit_sft's loss (``lit_sft/loss.py``) back-propagates ``loss_sum * world_size / step_loss_tokens`` per micro-batch
+lit_sft's loss (``lit_sft/loss.py``) back-propagates ``loss_sum * world_size / num_items_in_batch`` per micro-batch
 and ``SFTModule`` steps after the step's last micro-batch. These tests train the same 4 rows (answers of very
 different lengths) for ONE optimizer step through a real Lightning ``Trainer`` as 4x1, 1x4 and 2x2
 (micro-batch rows x accumulation) and check, against a plain-PyTorch AdamW step on
@@ -135,7 +135,7 @@ def test_chunked_loss_keeps_fillers_in_the_graph_and_pads_chunks():
     labels = torch.randint(0, 50, (2, 7))
     labels[0, :4] = -100
 
-    filler, n, _ = chunked_token_loss_sum(hidden, lm_head, torch.full_like(labels, -100), chunk_size=4)
+    filler, n, *_ = chunked_token_loss_sum(hidden, lm_head, torch.full_like(labels, -100), chunk_size=4)
     assert n == 0 and filler.item() == 0.0 and filler.grad_fn is not None and len(calls) == 1
     filler.backward()
     assert hidden.grad.abs().max() == 0 and lm_head.weight.grad.abs().max() == 0
@@ -143,8 +143,8 @@ def test_chunked_loss_keeps_fillers_in_the_graph_and_pads_chunks():
     logits = lm_head(hidden)[:, :-1].flatten(0, 1)
     want = torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
     calls.clear()
-    default, _, _ = chunked_token_loss_sum(hidden, lm_head, labels, chunk_size=4)  # 9 targets: 3 chunks
-    padded, _, _ = chunked_token_loss_sum(hidden, lm_head, labels, chunk_size=4, num_chunks=5)
+    default = chunked_token_loss_sum(hidden, lm_head, labels, chunk_size=4).loss_sum  # 9 targets: 3 chunks
+    padded = chunked_token_loss_sum(hidden, lm_head, labels, chunk_size=4, num_chunks=5).loss_sum
     assert calls == [1] * 8
     assert torch.allclose(default, want, rtol=1e-6) and torch.equal(default, padded)
     with pytest.raises(ValueError, match="num_chunks=2"):

@@ -162,10 +162,9 @@ def test_token_budget_plan_keeps_rows_per_step():
     rows_plan = plan_epoch(loss_tokens, 4, 2, 2, seed=3, epoch=0)
     budget_plan = plan_epoch(loss_tokens, 4, 2, 2, seed=3, epoch=0, lengths=lengths, max_tokens_per_micro_batch=500)
     for by_rows, by_tokens in zip(rows_plan, budget_plan):
-        assert sorted(r for mb in by_rows for r, s in mb if s) == sorted(r for mb in by_tokens for r, s in mb if s)
-        for mb in by_tokens:
-            real = [r for r, s in mb if s]
-            assert len(real) == 1 or sum(lengths[r] for r in real) <= 500
+        assert sorted(by_rows.rows) == sorted(by_tokens.rows)
+        for mb in (mb for rank in by_tokens.micro_batches for mb in rank if not mb.filler):
+            assert len(mb.rows) == 1 or sum(lengths[r] for r in mb.rows) <= 500
 
 
 def _train_losses(tmp_path, name, attn, steps=3, **data_kwargs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from typing import Any, Literal, Optional, Union
@@ -15,6 +16,8 @@ from lit_sft.data.collate import PaddingCollator, PaddingFreeCollator
 from lit_sft.data.formats import check_columns, resolve_fields
 from lit_sft.data.loading import load_split, load_tokenizer
 from lit_sft.data.report import POLICY_KEYS, build_report, check_policies, report_lines
+from lit_sft.data.mixture import SOURCE_COLUMN, DatasetMixture, as_mixture, load_mixture, source_names
+from lit_sft.data.packing import packed_dataset
 from lit_sft.data.sampler import MicroBatchItem, StepBatchSampler
 from lit_sft.data.tokenize import tokenize_row
 
@@ -22,32 +25,40 @@ log = logging.getLogger(__name__)
 
 
 class _PlannedRows(Dataset):
-    """Looks rows up by :class:`MicroBatchItem` (training) or by plain index (evaluation).
+    """Looks rows up by :class:`MicroBatchItem` (training) or by plain index (evaluation), as the collators take
+    them (:mod:`lit_sft.data.collate`).
 
     With ``groups`` (packing), planned item ``i`` is the rows ``groups[i]`` back to back, with their
-    ``seq_lengths``.
+    ``seq_lengths``. Rows of a mixture also carry ``source_ids`` (one per row of the item).
     """
 
     def __init__(self, rows: Any, groups: Optional[list[list[int]]] = None) -> None:
         self.rows, self.groups = rows, groups
+        self.has_sources = SOURCE_COLUMN in rows.column_names
 
     def __len__(self) -> int:
         return len(self.groups) if self.groups is not None else len(self.rows)
 
     def _row(self, index: int) -> dict[str, Any]:
-        if self.groups is None:
-            row = self.rows[index]
-            return {"input_ids": row["input_ids"], "labels": row["labels"]}
-        members = [self.rows[r] for r in self.groups[index]]
-        return {"input_ids": [t for m in members for t in m["input_ids"]],
-                "labels": [t for m in members for t in m["labels"]],
-                "seq_lengths": [len(m["input_ids"]) for m in members]}
+        members = [self.rows[r] for r in self.groups[index]] if self.groups is not None else [self.rows[index]]
+        row = {"input_ids": [t for m in members for t in m["input_ids"]],
+               "labels": [t for m in members for t in m["labels"]]}
+        if self.groups is not None:
+            row["seq_lengths"] = [len(m["input_ids"]) for m in members]
+        if self.has_sources:
+            row["source_ids"] = [m[SOURCE_COLUMN] for m in members]
+        return row
 
     def __getitem__(self, item: Union[int, MicroBatchItem]) -> dict[str, Any]:
         if isinstance(item, MicroBatchItem):
-            return {**self._row(item.row), "supervised": item.supervised, "step": item.step,
-                    "step_loss_tokens": item.step_loss_tokens, "last_in_step": item.last_in_step}
+            return {**self._row(item.row), "supervised": item.supervised,
+                    "num_items_in_batch": item.num_items_in_batch, "last_in_step": item.last_in_step}
         return self._row(item)
+
+
+def _columns_to_drop(rows: Any) -> list[str]:
+    """The columns that tokenization replaces: all but a mixture row's source (:data:`SOURCE_COLUMN`)."""
+    return [c for c in rows.column_names if c != SOURCE_COLUMN]
 
 
 class _StepLoader(DataLoader):
@@ -61,26 +72,6 @@ class _StepLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass
-
-
-def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
-    """Best-fit-decreasing packing of rows into groups of at most ``max_length`` tokens (TRL's ``bfd`` strategy).
-
-    Returns:
-        Groups of row indices; every row appears in exactly one group, each group's lengths sum to ``<= max_length``.
-    """
-    groups: list[list[int]] = []
-    room: list[int] = []
-    for row in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
-        fits = [g for g, free in enumerate(room) if lengths[row] <= free]
-        if fits:
-            g = min(fits, key=lambda g: room[g])
-            groups[g].append(row)
-            room[g] -= lengths[row]
-        else:
-            groups.append([row])
-            room.append(max_length - lengths[row])
-    return groups
 
 
 def _preprocess(row: dict, index: int, tokenizer: Any, max_length: Optional[int], assistant_only_loss: bool,
@@ -99,15 +90,20 @@ class SFTDataModule(L.LightningDataModule):
 
     Each training batch is one *micro-batch*; ``gradient_accumulation_steps`` micro-batches per rank make one
     optimizer step over ``per_device_train_batch_size * gradient_accumulation_steps * world_size`` rows. Batches
-    carry the step's global supervised-token count (``step_loss_tokens``) so the loss can be normalised over the
-    whole step (``lit_sft/loss.py``). Batch tensors are described in :class:`lit_sft.data.collate.PaddingCollator`.
+    are :class:`lit_sft.data.batch.SFTBatch`: they carry the step's global supervised-token count
+    (``num_items_in_batch``) so the loss can be normalised over the whole step (``lit_sft/loss.py``).
 
     Args:
-        dataset_name: hub id, local dataset folder, or a ``.json/.jsonl/.parquet/.csv`` file.
+        dataset_name: hub id, local dataset folder, or a ``.json/.jsonl/.parquet/.csv`` file (or ``dataset_mixture``).
         dataset_config: the dataset's configuration name (recipe: ``default``).
         dataset_train_split: split to train on.
         dataset_test_split: split for evaluation, used when ``do_eval`` is true.
         data_files: passed to ``datasets.load_dataset``.
+        dataset_mixture: a weighted mixture of datasets instead of ``dataset_name``, as open-r1 configures it
+            (``{datasets: [{id, config, split, columns, weight}], seed, test_split_size}``, see
+            :mod:`lit_sft.data.mixture`); its splits are ``train`` and, with ``test_split_size``, ``test``. The
+            training log then carries ``train/loss/<source>`` per step. When both are set, the mixture is used (as in
+            open-r1).
         tokenizer_name_or_path: tokenizer to use; the CLI defaults it to ``model.model_name_or_path``.
             ``pkg://package/dir`` names a folder shipped inside an installed package.
         tokenizer_revision: hub revision of the tokenizer.
@@ -144,9 +140,10 @@ class SFTDataModule(L.LightningDataModule):
         per_device_train_batch_size: rows per micro-batch per device (recipe: 16).
         per_device_eval_batch_size: rows per evaluation batch per device.
         gradient_accumulation_steps: micro-batches per device per optimizer step.
-        packing: pack rows into sequences of up to ``max_length`` tokens (best-fit decreasing, once, as TRL's
-            ``bfd``); a "row" of the batch arithmetic is then a packed sequence, so rows per optimizer step become
-            ``per_device_train_batch_size`` packed sequences per device. Implies padding-free collation (documents
+        packing: pack rows into sequences of up to ``max_length`` tokens (best-fit decreasing as TRL's ``bfd``,
+            computed once and cached with the tokenized data, ``lit_sft/data/packing.py``); a "row" of the batch
+            arithmetic is then a packed sequence, so rows per optimizer step become ``per_device_train_batch_size``
+            packed sequences per device. Implies padding-free collation (documents
             never attend to each other). Unlike ``padding_free``, this changes how many conversations make a step.
         padding_free: concatenate each micro-batch's rows into one sequence with no padding; positions restart per
             row and attention never crosses rows (``lit_sft/attention.py``). Same rows per step, same loss.
@@ -173,11 +170,12 @@ class SFTDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        dataset_name: str,
+        dataset_name: Optional[str] = None,
         dataset_config: Optional[str] = None,
         dataset_train_split: str = "train",
         dataset_test_split: str = "test",
         data_files: Optional[Union[str, list[str], dict[str, Any]]] = None,
+        dataset_mixture: Optional[DatasetMixture] = None,
         tokenizer_name_or_path: Optional[str] = None,
         tokenizer_revision: Optional[str] = None,
         chat_template: Optional[str] = None,
@@ -225,17 +223,27 @@ class SFTDataModule(L.LightningDataModule):
         check_columns(columns)
         check_policies(dict(on_no_assistant_turn=on_no_assistant_turn, on_answer_truncated=on_answer_truncated,
                             on_unknown_role=on_unknown_role, on_unrendered_content=on_unrendered_content))
+        self.dataset_mixture = as_mixture(dataset_mixture) if dataset_mixture is not None else None
+        if self.dataset_mixture is None and dataset_name is None:
+            raise ValueError("set data.dataset_name (a hub id, folder or file) or data.dataset_mixture")
+        if self.dataset_mixture is not None and do_eval and self.dataset_mixture.test_split_size is None:
+            raise ValueError("data.do_eval with data.dataset_mixture needs data.dataset_mixture.test_split_size (the "
+                             "share of the mixture to evaluate on)")
         self.save_hyperparameters()
+        if self.dataset_mixture is not None:  # plain data in the hyperparameters (hparams.yaml, checkpoints)
+            self.hparams["dataset_mixture"] = dataclasses.asdict(self.dataset_mixture)
         self.preprocessing_report: dict[str, dict[str, Any]] = {}
         self.tokenizer = load_tokenizer(tokenizer_name_or_path, tokenizer_revision, chat_template, eos_token)
+        self.source_names = source_names(self.dataset_mixture) if self.dataset_mixture is not None else None
+        self._mixture_splits: Any = None
         self.train_rows: Any = None
-        self.train_groups: Optional[list[list[int]]] = None
+        self.train_packed: Any = None  # packing: one row per packed sequence (rows, length, num_loss_tokens)
         self.eval_rows: Any = None
 
     # -- preprocessing -------------------------------------------------------------------------------------------
     def _tokenize(self, split: str) -> Any:
         hp = self.hparams
-        rows = load_split(hp.dataset_name, split, hp.dataset_config, hp.data_files)
+        rows = self._load_rows(split)
         if split == hp.dataset_train_split and hp.max_train_samples is not None:
             rows = rows.select(range(min(hp.max_train_samples, len(rows))))
         fmt, fields = resolve_fields(rows.column_names, hp.format, hp.columns)
@@ -245,7 +253,8 @@ class SFTDataModule(L.LightningDataModule):
         settings = {k: v for k, v in fn_kwargs.items() if k != "tokenizer"}
         fingerprint = cache_fingerprint(rows._fingerprint, self.tokenizer, inspect.getsource(_preprocess), **settings)
         tokenized = rows.map(_preprocess, with_indices=True, fn_kwargs=fn_kwargs, num_proc=hp.dataset_num_proc,
-                             remove_columns=rows.column_names, desc=f"Tokenizing {split}", new_fingerprint=fingerprint)
+                             remove_columns=_columns_to_drop(rows), desc=f"Tokenizing {split}",
+                             new_fingerprint=fingerprint)
         report, kept = build_report(split, tokenized["issues"], tokenized["issue_details"], tokenized["truncated"],
                                     tokenized["num_loss_tokens"], hp.truncation,
                                     {key: hp[key] for key in self._POLICY_KEYS})
@@ -266,19 +275,40 @@ class SFTDataModule(L.LightningDataModule):
             raise ValueError(f"{split}: no row is left after preprocessing (see the preprocessing report above)")
         return tokenized
 
+    def _load_rows(self, split: str) -> Any:
+        """One split of ``dataset_name``, or of the mixture (``train``, and ``test`` with ``test_split_size``).
+
+        Raises:
+            ValueError: the mixture has no such split (names the splits it has and the keys to set).
+        """
+        hp = self.hparams
+        if self.dataset_mixture is None:
+            return load_split(hp.dataset_name, split, hp.dataset_config, hp.data_files)
+        if self._mixture_splits is None:
+            if hp.dataset_name is not None:
+                rank_zero_info(f"data.dataset_mixture is set: data.dataset_name={hp.dataset_name!r} is not used")
+            self._mixture_splits = load_mixture(self.dataset_mixture)
+        if split not in self._mixture_splits:
+            raise ValueError(f"data.dataset_mixture makes the splits {sorted(self._mixture_splits)}, not {split!r}: "
+                             "set data.dataset_train_split: train, data.dataset_test_split: test (and "
+                             "data.dataset_mixture.test_split_size for an eval split)")
+        return self._mixture_splits[split]
+
     def prepare_data(self) -> None:
         """With several processes, tokenize once on local rank 0 so that ``datasets`` caches the result for the
         other ranks' ``setup``; a single process tokenizes in ``setup`` only."""
         if self.trainer is not None and self.trainer.world_size > 1:
-            self._tokenize(self.hparams.dataset_train_split)
+            rows = self._tokenize(self.hparams.dataset_train_split)
+            if self.hparams.packing:
+                packed_dataset(rows, self.hparams.max_length)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_rows is None:
             self.train_rows = self._tokenize(self.hparams.dataset_train_split)
-            self.train_groups = None
-            if self.hparams.packing:
-                self.train_groups = pack_rows(self.train_rows["length"], self.hparams.max_length)
-                rank_zero_info(f"packing: {len(self.train_rows)} rows into {len(self.train_groups)} sequences of "
+            self.train_packed = None
+            if self.hparams.packing:  # cached by `datasets`: packed once, by local rank 0 in prepare_data
+                self.train_packed = packed_dataset(self.train_rows, self.hparams.max_length)
+                rank_zero_info(f"packing: {len(self.train_rows)} rows into {len(self.train_packed)} sequences of "
                                f"<= {self.hparams.max_length} tokens")
         if self.hparams.do_eval and self.eval_rows is None:
             self.eval_rows = self._tokenize(self.hparams.dataset_test_split)
@@ -292,17 +322,16 @@ class SFTDataModule(L.LightningDataModule):
         return self.trainer.world_size if self.trainer is not None else 1
 
     def batch_sampler(self) -> StepBatchSampler:
-        """The training plan for this rank (see :mod:`lit_sft.data.sampler`)."""
+        """The training plan for this rank (see :mod:`lit_sft.data.sampler`); with packing, a planned item is a
+        packed sequence."""
         hp, trainer = self.hparams, self.trainer
-        loss_tokens, lengths = self.train_rows["num_loss_tokens"], self.train_rows["length"]
-        if self.train_groups is not None:  # packing: a planned item is a packed group of rows
-            loss_tokens = [sum(loss_tokens[r] for r in g) for g in self.train_groups]
-            lengths = [sum(lengths[r] for r in g) for g in self.train_groups]
+        items = self.train_packed if self.train_packed is not None else self.train_rows
         return StepBatchSampler(
-            loss_tokens, hp.per_device_train_batch_size, hp.gradient_accumulation_steps,
+            items["num_loss_tokens"], hp.per_device_train_batch_size, hp.gradient_accumulation_steps,
             world_size=self.world_size, rank=trainer.global_rank if trainer is not None else 0, seed=hp.seed,
             shuffle=hp.shuffle, steps_done=(lambda: trainer.global_step) if trainer is not None else None,
-            lengths=lengths, max_tokens_per_micro_batch=hp.max_tokens_per_micro_batch,
+            lengths=items["length"], max_tokens_per_micro_batch=hp.max_tokens_per_micro_batch,
+            padded=not self.padding_free,
         )
 
     @property
@@ -315,12 +344,13 @@ class SFTDataModule(L.LightningDataModule):
     def collator(self) -> Union[PaddingCollator, PaddingFreeCollator]:
         """Padding-free concatenation (``padding_free`` or ``packing``) or padding to the longest row."""
         if self.padding_free:
-            return PaddingFreeCollator()
-        return PaddingCollator(self.tokenizer.pad_token_id, self.hparams.pad_to_multiple_of)
+            return PaddingFreeCollator(self.source_names)
+        return PaddingCollator(self.tokenizer.pad_token_id, self.hparams.pad_to_multiple_of, self.source_names)
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        return _StepLoader(_PlannedRows(self.train_rows, self.train_groups), batch_sampler=self.batch_sampler(),
+        groups = self.train_packed["rows"] if self.train_packed is not None else None
+        return _StepLoader(_PlannedRows(self.train_rows, groups), batch_sampler=self.batch_sampler(),
                            collate_fn=self.collator(), num_workers=hp.num_workers,
                            persistent_workers=False, pin_memory=False)
 

@@ -2,15 +2,25 @@
 
 One optimizer step covers ``rows_per_step = micro_batch_size * gradient_accumulation_steps * world_size`` rows (the
 recipe's ``per_device_train_batch_size x gradient_accumulation_steps x num_processes``). Every rank builds the same
-plan from the same seed, so each knows, without communication, the number of supervised tokens in the *whole*
-step (all micro-batches, all ranks): the denominator of the token-normalised loss (see ``lit_sft/loss.py``).
+plan from the same seed, so each knows, without communication, ``num_items_in_batch``: the supervised tokens of the
+*whole* step (all micro-batches, all ranks), the denominator of the token-normalised loss (``lit_sft/loss.py``).
 
-Row order: a permutation drawn from ``torch.Generator().manual_seed(seed + epoch)`` (or file order with
-``shuffle=False``). Step ``s`` takes the next ``rows_per_step`` rows; within it, micro-batch chunks of
-``micro_batch_size`` rows are dealt round-robin to ranks, as accelerate's ``DataLoaderShard`` does.
-The last step of an epoch may hold fewer rows; ranks left with fewer micro-batches than others get *filler*
-micro-batches (a real row with every label masked), so every rank runs the same number of forward/backward passes
-(ZeRO-3 gathers parameters collectively in each forward) and the filler adds exactly zero to loss and gradient.
+The rows of a step: a permutation drawn from ``torch.Generator().manual_seed(seed + epoch)`` (or file order with
+``shuffle=False``); step ``s`` takes the next ``rows_per_step`` rows. This set alone fixes the step's loss.
+
+Where each row goes within its step (rank, micro-batch) only changes speed, and is chosen for it:
+
+* **ranks** are balanced by estimated compute (:func:`row_cost`: tokens plus attention's ``T^2`` term), longest
+  first to the least-loaded rank (LPT); the slowest rank sets the step time. In row mode each rank takes exactly
+  ``micro_batch_size * gradient_accumulation_steps`` rows (a micro-batch's memory is budgeted in rows).
+* **micro-batches** of a rank: in row mode, ``micro_batch_size`` rows each, similar lengths together when batches
+  are padded (less padding), balanced by tokens when they are padding-free (lower peak memory); with a token budget
+  (``max_tokens_per_micro_batch``), packed best-fit-decreasing (:mod:`lit_sft.data.packing`) into micro-batches of at
+  most that many tokens.
+* every rank runs the **same number of micro-batches** in a step (ZeRO-3 gathers parameters collectively in each
+  forward): in token-budget mode a rank with fewer splits its largest micro-batch; a rank still short (only in a
+  short last step) runs *filler* micro-batches: the step's shortest row with every label masked, which adds exactly
+  zero to the loss and the gradient.
 
 Resuming: the plan is a pure function of (seed, epoch), so skipping the first ``k`` steps of an epoch reproduces
 the uninterrupted order exactly.
@@ -18,6 +28,7 @@ the uninterrupted order exactly.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -25,23 +36,69 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from lit_sft.data.packing import best_fit_decreasing
+
+# Row length at which causal attention costs as many training FLOPs as the matrix multiplications:
+# ``n_matmul / (num_layers * hidden_size)`` in ``lit_sft.metrics.training_flops``; about 36k tokens for
+# Qwen2.5-1.5B (1.54e9 / (28 * 1536)), 65k for Qwen2.5-7B. Only the balance between ranks depends on it.
+ATTENTION_TOKENS = 32768
+
+
+def row_cost(length: int, attention_tokens: int = ATTENTION_TOKENS) -> float:
+    """Estimated training compute of a row of ``length`` tokens, in units of one token's matmul FLOPs:
+    ``T * (1 + T / attention_tokens)``, proportional to :func:`lit_sft.metrics.training_flops`
+    (``6 n_matmul T + 6 L d T^2``)."""
+    return length * (1.0 + length / attention_tokens)
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """The rows of one planned micro-batch.
+
+    Attributes:
+        rows: indices into the tokenized (or packed) dataset.
+        filler: the micro-batch is one row whose labels are all masked: it keeps a rank in step with the others and
+            adds zero to the loss and the gradient.
+    """
+
+    rows: tuple[int, ...]
+    filler: bool = False
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One optimizer step.
+
+    Attributes:
+        micro_batches: ``micro_batches[rank][j]`` is micro-batch ``j`` of ``rank``; every rank has the same count.
+        num_items_in_batch: supervised tokens of the step's rows, over all micro-batches and ranks.
+    """
+
+    micro_batches: tuple[tuple[MicroBatch, ...], ...]
+    num_items_in_batch: int
+
+    @property
+    def rows(self) -> list[int]:
+        """The step's rows (fillers excluded), rank by rank."""
+        return [r for rank in self.micro_batches for mb in rank if not mb.filler for r in mb.rows]
+
 
 @dataclass(frozen=True)
 class MicroBatchItem:
-    """One row reference inside a planned micro-batch.
+    """One row reference inside a planned micro-batch, as :class:`StepBatchSampler` yields it.
 
     Attributes:
-        row: index into the tokenized dataset.
+        row: index into the tokenized (or packed) dataset.
         supervised: ``False`` for filler rows, whose labels the collator masks out entirely.
-        step: optimizer step index within the epoch (0-based).
-        step_loss_tokens: supervised tokens in the whole optimizer step, summed over all micro-batches and ranks.
+        step: optimizer step index within the epoch (0-based; for inspection, not part of the batch).
+        num_items_in_batch: supervised tokens in the whole optimizer step, summed over all micro-batches and ranks.
         last_in_step: whether this micro-batch is this rank's last one of the step (the optimizer steps after it).
     """
 
     row: int
     supervised: bool
     step: int
-    step_loss_tokens: int
+    num_items_in_batch: int
     last_in_step: bool
 
 
@@ -55,107 +112,122 @@ def plan_epoch(
     shuffle: bool = True,
     lengths: Optional[Sequence[int]] = None,
     max_tokens_per_micro_batch: Optional[int] = None,
-) -> list[list[list[tuple[int, bool]]]]:
-    """Plan every optimizer step of one epoch.
+    padded: bool = True,
+    attention_tokens: int = ATTENTION_TOKENS,
+) -> list[StepPlan]:
+    """Plan every optimizer step of one epoch (see the module docstring for the rules).
 
     Args:
         num_loss_tokens: supervised tokens of each row, length ``N``.
-        micro_batch_size: rows per micro-batch per rank.
-        gradient_accumulation_steps: micro-batches per rank per optimizer step.
+        micro_batch_size: rows per micro-batch per rank (row mode).
+        gradient_accumulation_steps: micro-batches per rank per optimizer step (row mode).
         world_size: number of data-parallel ranks.
         seed, epoch: the row order is drawn from ``seed + epoch``.
         shuffle: draw a permutation (``True``) or keep dataset order.
-        lengths: tokens of each row; needed with ``max_tokens_per_micro_batch``.
-        max_tokens_per_micro_batch: token budget of a micro-batch. The step's rows (still ``rows_per_step``) are
-            then dealt to ranks by tokens (longest first, to the least-loaded rank) and packed first-fit-decreasing
-            into micro-batches of at most this many tokens, instead of ``micro_batch_size`` rows each.
+        lengths: tokens of each row; default ``num_loss_tokens`` (a proxy, for tests).
+        max_tokens_per_micro_batch: token budget of a micro-batch: the step's rows (still ``rows_per_step``) are
+            packed into micro-batches of at most this many tokens (a longer row goes alone) instead of
+            ``micro_batch_size`` rows each.
+        padded: row mode only: micro-batches are padded to their longest row, so a rank's rows are grouped by
+            length; ``False`` (padding-free) balances a rank's micro-batches by tokens instead.
+        attention_tokens: see :data:`ATTENTION_TOKENS` (:func:`row_cost`).
 
     Returns:
-        ``plan[step][rank * G + j]`` is micro-batch ``j`` of ``rank`` as ``[(row, supervised), ...]``, with
-        ``G`` micro-batches per rank for that step (``gradient_accumulation_steps`` in row mode, except possibly in
-        the last step; with a token budget, as many as the busiest rank needs). Steps hold
-        ``ceil(N / rows_per_step)`` entries.
+        ``ceil(N / rows_per_step)`` :class:`StepPlan`; every rank has ``gradient_accumulation_steps`` micro-batches
+        in a full step of row mode (fewer in a short last step); with a token budget, as many as the busiest needs.
 
     Raises:
-        ValueError: a non-positive size, or an empty dataset.
+        ValueError: a non-positive size, an empty dataset, or ``lengths`` of the wrong size.
     """
     if min(micro_batch_size, gradient_accumulation_steps, world_size) < 1:
         raise ValueError("micro_batch_size, gradient_accumulation_steps and world_size must all be >= 1")
     n = len(num_loss_tokens)
     if n == 0:
         raise ValueError("the training set is empty after preprocessing")
+    lengths = num_loss_tokens if lengths is None else lengths
+    if len(lengths) != n:
+        raise ValueError(f"{len(lengths)} row lengths for {n} rows")
     if shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     else:
         order = list(range(n))
+    cost = [row_cost(t, attention_tokens) for t in lengths]
     rows_per_step = micro_batch_size * gradient_accumulation_steps * world_size
-    if max_tokens_per_micro_batch is not None:
-        if lengths is None or len(lengths) != n:
-            raise ValueError("a token budget needs the length of every row")
-        return [_token_budget_step(order[start:start + rows_per_step], lengths, world_size,
-                                   max_tokens_per_micro_batch) for start in range(0, n, rows_per_step)]
     plan = []
     for start in range(0, n, rows_per_step):
         rows = order[start:start + rows_per_step]
-        chunks = [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
-        per_rank = math.ceil(len(chunks) / world_size)
-        step = []
-        for rank in range(world_size):
-            for j in range(per_rank):
-                c = j * world_size + rank
-                if c < len(chunks):
-                    step.append([(row, True) for row in chunks[c]])
-                else:  # filler: the step's first row, fully masked, so this rank keeps pace
-                    step.append([(rows[0], False)])
-        plan.append(step)
+        if max_tokens_per_micro_batch is not None:
+            ranks = _token_budget_step(rows, lengths, cost, world_size, max_tokens_per_micro_batch)
+        else:
+            ranks = _row_step(rows, lengths, cost, world_size, micro_batch_size, padded)
+        plan.append(StepPlan(tuple(tuple(mbs) for mbs in ranks), sum(num_loss_tokens[r] for r in rows)))
     return plan
 
 
-def _token_budget_step(rows: list[int], lengths: Sequence[int], world_size: int,
-                       budget: int) -> list[list[tuple[int, bool]]]:
-    """One step's micro-batches under a token budget: ``world_size x G`` lists of ``(row, supervised)``.
+def _deal(rows: Sequence[int], cost: Sequence[float], bins: int, capacity: int, minimum: int) -> list[list[int]]:
+    """Longest-processing-time-first: rows by decreasing cost, each to the least-loaded of ``bins`` that holds fewer
+    than ``capacity`` rows; once the rows left are just enough to bring every bin up to ``minimum`` rows, only bins
+    below it take rows. Ties go to the lower bin index. Returns each bin's rows, costliest first."""
+    dealt: list[list[int]] = [[] for _ in range(bins)]
+    heap = [(0.0, b) for b in range(bins)]  # (load, bin) of the bins that may take the next row
+    deficit, short_phase = bins * minimum, False
+    for left, row in enumerate(sorted(rows, key=lambda r: (-cost[r], r))):
+        if not short_phase and len(rows) - left <= deficit:  # from now on, only bins below the minimum
+            short_phase = True
+            heap = [(load, b) for load, b in heap if len(dealt[b]) < minimum]
+            heapq.heapify(heap)
+        load, b = heapq.heappop(heap)
+        if len(dealt[b]) < minimum:
+            deficit -= 1
+        dealt[b].append(row)
+        if len(dealt[b]) < (minimum if short_phase else capacity):
+            heapq.heappush(heap, (load + cost[row], b))
+    return dealt
 
-    Ranks get rows longest-first to the least-loaded rank (balanced tokens, not counts); each rank packs its rows
-    first-fit-decreasing into micro-batches of at most ``budget`` tokens (a longer row goes alone). Ranks then
-    equalise their micro-batch count ``G``: first by splitting their largest multi-row micro-batch, else with a
-    filler (the step's shortest row, fully masked).
-    """
-    by_length = sorted(rows, key=lambda r: (-lengths[r], r))
-    per_rank: list[list[int]] = [[] for _ in range(world_size)]
-    load = [0] * world_size
-    for row in by_length:
-        rank = min(range(world_size), key=lambda k: (load[k], k))
-        per_rank[rank].append(row)
-        load[rank] += lengths[row]
+
+def _row_step(rows: list[int], lengths: Sequence[int], cost: Sequence[float], world_size: int,
+              micro_batch_size: int, padded: bool) -> list[list[MicroBatch]]:
+    """Row mode: ``world_size`` lists of the same number of micro-batches of at most ``micro_batch_size`` rows."""
+    per_rank = math.ceil(math.ceil(len(rows) / micro_batch_size) / world_size)  # gradient_accumulation_steps if full
+    filler = MicroBatch((min(rows, key=lambda r: (lengths[r], r)),), filler=True)
+    ranks = []
+    for rank_rows in _deal(rows, cost, world_size, per_rank * micro_batch_size, per_rank):
+        if padded:  # consecutive runs of a longest-first order: rows of similar length share a micro-batch
+            ordered = sorted(rank_rows, key=lambda r: (-lengths[r], r))
+            q, extra = divmod(len(ordered), per_rank)
+            sizes = [q + 1] * extra + [q] * (per_rank - extra)
+            groups = [ordered[sum(sizes[:j]):sum(sizes[:j + 1])] for j in range(per_rank)]
+        else:
+            groups = _deal(rank_rows, lengths, per_rank, micro_batch_size, 1)
+        ranks.append([MicroBatch(tuple(g)) if g else filler for g in groups])
+    return ranks
+
+
+def _token_budget_step(rows: list[int], lengths: Sequence[int], cost: Sequence[float], world_size: int,
+                       budget: int) -> list[list[MicroBatch]]:
+    """Token-budget mode: rows dealt to ranks by cost, each rank's rows packed best-fit-decreasing into micro-batches
+    of ``<= budget`` tokens; ranks then equalise their micro-batch count, first by halving their largest multi-row
+    micro-batch (alternate rows of its longest-first order), else with fillers."""
     packed = []
-    for rank_rows in per_rank:
-        bins: list[list[int]] = []
-        room: list[int] = []
-        for row in rank_rows:  # already longest first
-            for b, free in enumerate(room):
-                if lengths[row] <= free:
-                    bins[b].append(row)
-                    room[b] -= lengths[row]
-                    break
-            else:
-                bins.append([row])
-                room.append(budget - lengths[row])
-        packed.append(bins)
-    g = max(len(bins) for bins in packed)
-    filler = min(rows, key=lambda r: (lengths[r], r))
-    step = []
+    for rank_rows in _deal(rows, cost, world_size, len(rows), 1):
+        bins = best_fit_decreasing([lengths[r] for r in rank_rows], budget)
+        packed.append([[rank_rows[i] for i in b] for b in bins])
+    per_rank = max(len(bins) for bins in packed)
+    filler = MicroBatch((min(rows, key=lambda r: (lengths[r], r)),), filler=True)
+    ranks = []
     for bins in packed:
-        while len(bins) < g and any(len(b) > 1 for b in bins):
+        while len(bins) < per_rank and any(len(b) > 1 for b in bins):
             big = max((b for b in bins if len(b) > 1), key=lambda b: sum(lengths[r] for r in b))
             bins.remove(big)
             bins += [big[0::2], big[1::2]]
-        step += [[(row, True) for row in b] for b in bins]
-        step += [[(filler, False)] for _ in range(g - len(bins))]
-    return step
+        ranks.append([MicroBatch(tuple(b)) for b in bins] + [filler] * (per_rank - len(bins)))
+    return ranks
 
 
 class StepBatchSampler(Sampler[list[MicroBatchItem]]):
     """Yields this rank's micro-batches, one optimizer step after another, as lists of :class:`MicroBatchItem`.
+
+    Arguments as :func:`plan_epoch`, plus ``rank`` (this process's) and ``steps_done``.
 
     Use it as a ``DataLoader`` ``batch_sampler``. ``steps_done`` (a callable, usually reading the trainer's
     ``global_step``) is read at the start of every epoch so that a resumed run skips the steps it already took.
@@ -173,6 +245,7 @@ class StepBatchSampler(Sampler[list[MicroBatchItem]]):
         steps_done: Optional[Callable[[], int]] = None,
         lengths: Optional[Sequence[int]] = None,
         max_tokens_per_micro_batch: Optional[int] = None,
+        padded: bool = True,
     ) -> None:
         self.num_loss_tokens = list(num_loss_tokens)
         self.micro_batch_size = micro_batch_size
@@ -182,6 +255,8 @@ class StepBatchSampler(Sampler[list[MicroBatchItem]]):
         self.steps_done = steps_done or (lambda: 0)
         self.lengths = list(lengths) if lengths is not None else None
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.padded = padded
+        self._planned: Optional[tuple[int, list[StepPlan]]] = None  # (epoch, plan)
         self.epoch = 0
         # Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler``, not on the batch sampler itself.
         self.sampler = self
@@ -193,22 +268,24 @@ class StepBatchSampler(Sampler[list[MicroBatchItem]]):
         """Called by Lightning at every epoch start; selects the epoch's row order."""
         self.epoch = epoch
 
-    def _plan(self) -> list[list[list[tuple[int, bool]]]]:
-        return plan_epoch(self.num_loss_tokens, self.micro_batch_size, self.gradient_accumulation_steps,
-                          self.world_size, self.seed, self.epoch, self.shuffle, self.lengths,
-                          self.max_tokens_per_micro_batch)
+    def _plan(self) -> list[StepPlan]:
+        """The current epoch's plan (:func:`plan_epoch`), computed once per epoch."""
+        if self._planned is None or self._planned[0] != self.epoch:
+            self._planned = (self.epoch, plan_epoch(
+                self.num_loss_tokens, self.micro_batch_size, self.gradient_accumulation_steps, self.world_size,
+                self.seed, self.epoch, self.shuffle, self.lengths, self.max_tokens_per_micro_batch, self.padded))
+        return self._planned[1]
 
     def __iter__(self) -> Iterator[list[MicroBatchItem]]:
         skip = max(0, self.steps_done() - self.epoch * self.steps_per_epoch)
         for s, step in enumerate(self._plan()):
             if s < skip:
                 continue
-            loss_tokens = sum(self.num_loss_tokens[r] for mb in step for r, sup in mb if sup)
-            per_rank = len(step) // self.world_size
-            mine = step[self.rank * per_rank:(self.rank + 1) * per_rank]
+            mine = step.micro_batches[self.rank]
             for j, micro_batch in enumerate(mine):
-                yield [MicroBatchItem(r, sup, s, loss_tokens, j == per_rank - 1) for r, sup in micro_batch]
+                yield [MicroBatchItem(r, not micro_batch.filler, s, step.num_items_in_batch, j == len(mine) - 1)
+                       for r in micro_batch.rows]
 
     def __len__(self) -> int:
         """Micro-batches this rank yields in a full epoch."""
-        return sum(len(step) // self.world_size for step in self._plan())
+        return sum(len(step.micro_batches[self.rank]) for step in self._plan())

@@ -29,7 +29,7 @@ def _rows(tokenizer) -> list[dict]:
         tokenize_text(tokenizer, "A somewhat longer plain text row, ending with the EOS token."),
         tokenize_text(tokenizer, "Filler row."),
     ]
-    rows = [{"input_ids": e.input_ids, "labels": e.labels, "supervised": True, "step": 3, "step_loss_tokens": 57,
+    rows = [{"input_ids": e.input_ids, "labels": e.labels, "supervised": True, "num_items_in_batch": 57,
              "last_in_step": False} for e in examples]
     rows[-1]["supervised"] = False
     return rows
@@ -64,8 +64,8 @@ def test_pad_equal_to_eos_keeps_real_eos(pad_is_eos_tokenizer, pad_to_multiple_o
     for key in ("input_ids", "attention_mask", "labels"):
         assert batch[key].dtype == torch.long and batch[key].shape == (len(rows), width)
         assert torch.equal(batch[key], expected[key]), key
-    assert int(batch["num_loss_tokens"]) == int((expected["labels"] != IGNORE_INDEX).sum())
-    assert (batch["step"], batch["step_loss_tokens"], batch["last_in_step"]) == (3, 57, False)
+    assert (batch["num_items_in_batch"], batch["last_in_step"]) == (57, False)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "num_items_in_batch", "last_in_step"}
 
     # every supervised row's real EOS (text rows end with it) is attended and is a target
     for i, row in enumerate(rows[:-1]):
@@ -76,3 +76,39 @@ def test_pad_equal_to_eos_keeps_real_eos(pad_is_eos_tokenizer, pad_to_multiple_o
     assert batch["attention_mask"][-1].sum() == lengths[-1] and (batch["labels"][-1] == IGNORE_INDEX).all()
     # an id-based mask (input_ids != pad_token_id) would have dropped those EOS tokens: this batch tells them apart
     assert not torch.equal((batch["input_ids"] != tokenizer.pad_token_id).long(), batch["attention_mask"])
+
+
+def test_batches_carry_exactly_the_keys_of_sft_batch():
+    """Both collators return only keys that ``SFTBatch`` declares (no dead keys), with the declared shapes; evaluation
+    rows (no planner fields) give batches without the step fields; mixture rows give ``source_ids`` per row."""
+    from typing import get_type_hints
+
+    from lit_sft.data.batch import SFTBatch
+    from lit_sft.data.collate import PaddingFreeCollator
+
+    declared = set(get_type_hints(SFTBatch))
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "source_ids": [1]},
+            {"input_ids": [8, 9, 10, 11, 12], "labels": [-100, -100, 10, 11, 12], "seq_lengths": [2, 3],
+             "source_ids": [0, 2]}]
+    training = [{**r, "supervised": True, "num_items_in_batch": 9, "last_in_step": True} for r in rows]
+    names = ("a", "b", "c")
+    padded = PaddingCollator(0, source_names=names)(training)
+    free = PaddingFreeCollator(source_names=names)(training)
+    assert set(padded) <= declared and set(free) <= declared
+    assert set(padded) == {"input_ids", "attention_mask", "labels", "num_items_in_batch", "last_in_step",
+                           "source_ids", "source_names"}
+    assert padded["source_ids"].tolist() == [1, 0, 2] and padded["source_names"] == names
+    # padding-free: one entry per concatenated row (the packed item holds two rows)
+    assert free["cu_seq_lens_q"].tolist() == [0, 3, 5, 8] and free["source_ids"].tolist() == [1, 0, 2]
+    assert free["input_ids"].shape == free["labels"].shape == free["position_ids"].shape == (1, 8)
+    evaluation = PaddingFreeCollator()([{k: r[k] for k in ("input_ids", "labels")} for r in rows])
+    assert "num_items_in_batch" not in evaluation and "last_in_step" not in evaluation
+
+
+def test_a_batch_without_the_step_fields_is_refused_by_name():
+    from lit_sft.data.batch import check_training_batch
+
+    batch = {"input_ids": torch.zeros(1, 3), "labels": torch.zeros(1, 3), "step_loss_tokens": 4}
+    with pytest.raises(KeyError, match=r"lacks \['num_items_in_batch', 'last_in_step'\].*StepBatchSampler"):
+        check_training_batch(batch)
+    check_training_batch({**batch, "num_items_in_batch": 4, "last_in_step": True})

@@ -104,14 +104,18 @@ def test_rows_without_supervised_tokens_are_dropped_and_never_batched(chat_file,
     assert sum(len(b["input_ids"]) for b in batches) == len(kept)
     assert {tuple(r[r != IGNORE_INDEX].tolist()) for b in batches for r in b["labels"]} == {
         tuple(ids[i][prompts[i]:-1]) for i in kept}
-    step_tokens = {}
+    steps, current = [], []
     for batch in batches:
         per_row = (batch["labels"] != IGNORE_INDEX).sum(dim=1)
         assert (per_row > 0).all()  # no row with zero supervised tokens reaches a batch
-        assert int(batch["num_loss_tokens"]) == int(per_row.sum())
-        step_tokens.setdefault(batch["step"], []).append(batch)
-    for step, step_batches in step_tokens.items():  # one rank: the step's count is the sum over its micro-batches
-        assert {b["step_loss_tokens"] for b in step_batches} == {sum(int(b["num_loss_tokens"]) for b in step_batches)}
+        current.append(batch)
+        if batch["last_in_step"]:
+            steps.append(current)
+            current = []
+    assert not current
+    for step_batches in steps:  # one rank: the step's count is the sum over its micro-batches
+        supervised = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in step_batches)
+        assert {b["num_items_in_batch"] for b in step_batches} == {supervised}
 
 
 def test_rows_cut_to_nothing_supervised_leave_an_error(chat_file):

@@ -5,8 +5,9 @@ Trains ``--model-dir`` on ``--data`` (rows in file order) with ``--devices`` pro
 global rank 0, into ``--out``:
 
 * ``params.pt``: the full trained parameters (gathered with ``deepspeed.zero.GatheredParameters`` under ZeRO-3);
-* ``report.json``: the last step's metrics, and with ``--check-load`` what the ZeRO-3 model held right after
-  ``configure_model``: per parameter, the local shard size, the gathered shape and ``max |gathered - file|``.
+* ``report.json``: the last step's metrics, every step's metrics (``steps``), and with ``--check-load`` what the
+  ZeRO-3 model held right after ``configure_model``: per parameter, the local shard size, the gathered shape and
+  ``max |gathered - file|``.
 
 With ``--export-dir`` the run also writes the Hugging Face folder with ``lit_sft.export.HFExport``; with
 ``--save-checkpoint PATH`` it saves the final Lightning checkpoint there (a folder of ZeRO shards under DeepSpeed).
@@ -61,6 +62,18 @@ class CheckLoad(L.Callback):
                        for n, t in full.items()}
 
 
+class RecordSteps(L.Callback):
+    """Every optimizer step's metrics (``SFTModule.last_step_metrics``), in order."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args) -> None:
+        metrics = getattr(module, "last_step_metrics", None)
+        if metrics is not None and (not self.steps or self.steps[-1] is not metrics):
+            self.steps.append(metrics)
+
+
 class SaveParameters(L.Callback):
     """At the end of training, gather the full parameters and save them (rank 0)."""
 
@@ -86,7 +99,8 @@ class SaveCheckpoint(L.Callback):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--data")
+    parser.add_argument("--dataset-mixture", type=json.loads, help="data.dataset_mixture as JSON (instead of --data)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--strategy", choices=["ddp", "zero2", "zero3"], required=True)
     parser.add_argument("--devices", type=int, default=2)
@@ -112,7 +126,8 @@ def main() -> None:
 
         strategy = CPUDeepSpeedStrategy(zero_stage=3 if args.strategy == "zero3" else 2)
     check = CheckLoad(args.model_dir) if args.check_load else None
-    callbacks = [c for c in (check, SaveParameters(args.out)) if c is not None]
+    record = RecordSteps()
+    callbacks = [c for c in (check, SaveParameters(args.out), record) if c is not None]
     if args.export_dir:
         callbacks.append(HFExport(args.export_dir))
     if args.save_checkpoint:
@@ -123,10 +138,12 @@ def main() -> None:
                                   gradient_checkpointing=args.gradient_checkpointing, callbacks=callbacks,
                                   module_kwargs=module_kwargs,
                                   padding_free=args.padding_free,
-                                  max_tokens_per_micro_batch=args.max_tokens_per_micro_batch)
+                                  max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
+                                  dataset_mixture=args.dataset_mixture)
     if trainer.is_global_zero:
         report = {"world_size": trainer.world_size, "global_step": trainer.global_step,
-                  "last_step_metrics": module.last_step_metrics, "load": check.report if check else None}
+                  "last_step_metrics": module.last_step_metrics, "steps": record.steps,
+                  "load": check.report if check else None}
         with open(os.path.join(args.out, "report.json"), "w") as f:
             json.dump(report, f, indent=1)
 
