@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -46,11 +46,39 @@ class _PlannedRows(Dataset):
         return self._row(item)
 
 
+class _DeferredIterator:
+    """An iterator that creates the ``DataLoader``'s real iterator at the first ``next()``, not at ``iter()``."""
+
+    def __init__(self, make: Callable[[], Iterator[Any]]) -> None:
+        self._make: Optional[Callable[[], Iterator[Any]]] = make
+        self._iterator: Optional[Iterator[Any]] = None
+
+    def __iter__(self) -> "_DeferredIterator":
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            assert self._make is not None
+            self._iterator, self._make = self._make(), None
+        return next(self._iterator)
+
+
 class _StepLoader(DataLoader):
     """The training ``DataLoader``. Its position is a function of ``trainer.global_step`` (the sampler skips the
     steps already taken, see :mod:`lit_sft.data.sampler`), so it resumes mid-epoch with no state of its own; the
     ``state_dict``/``load_state_dict`` pair tells Lightning so (Lightning otherwise warns on a mid-epoch resume that
-    the loader is not resumable, comparing optimizer steps with its count of micro-batches)."""
+    the loader is not resumable, comparing optimizer steps with its count of micro-batches).
+
+    ``iter()`` defers the real iterator to the first ``next()``. Lightning (2.6, ``FitLoop.setup_data``) calls
+    ``iter()`` on the loader before ``set_epoch`` when a run resumes, and does not call it again for the resumed
+    epoch; a ``DataLoader`` with ``num_workers > 0`` pulls ``prefetch_factor x num_workers`` batches from its batch
+    sampler as soon as its iterator exists, so the sampler would plan epoch 0 and, at a ``global_step`` past epoch 0,
+    yield nothing (a resumed run in a later epoch trained 0 micro-batches). The first ``next()`` comes after
+    ``set_epoch`` on every path: a fresh epoch, a resume mid-epoch, a resume at an epoch end.
+    """
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        return _DeferredIterator(super().__iter__)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
