@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_sft.data.datamodule import SFTDataModule
 from lit_sft.checkpoint import SFTCheckpoint
+from lit_sft.evaluation import SFTEvaluation
 from lit_sft.export import HFExport
 from lit_sft.loggers import build_loggers
 from lit_sft.module import SFTModule
@@ -47,6 +48,8 @@ def run_args(
     save_strategy: Literal["steps", "epoch", "no"] = "steps",
     save_steps: int = 100,
     save_total_limit: Optional[int] = 1,
+    eval_strategy: Optional[Literal["no", "steps", "epoch"]] = None,
+    eval_steps: Optional[int] = None,
     push_to_hub: bool = False,
     hub_model_id: Optional[str] = None,
     hub_strategy: Literal["every_save", "end"] = "every_save",
@@ -71,6 +74,13 @@ def run_args(
         save_steps: optimizer steps between checkpoints (recipe: 100).
         save_total_limit: checkpoints kept, newest first (recipe: 1); an old one is deleted only after the new one
             is written. ``null`` keeps all.
+        eval_strategy: evaluate on ``data.dataset_test_split`` every ``eval_steps`` optimizer steps (``steps``), at
+            the end of each epoch (``epoch``), or never (``no``); ``null``: ``epoch`` with ``data.do_eval: true``,
+            else ``no``. ``steps``/``epoch`` turn ``data.do_eval`` on (as transformers does). Evaluation runs only
+            between optimizer steps and never changes training (``lit_sft/evaluation.py``); keep
+            ``trainer.val_check_interval`` at 1.0 (it counts micro-batches).
+        eval_steps: optimizer steps between evaluations with ``eval_strategy: steps``; ``null``: ``logging_steps``
+            (``trainer.log_every_n_steps``).
         push_to_hub, hub_model_id, hub_strategy, hub_private_repo: upload the exported model with huggingface_hub
             (``every_save``: at every checkpoint and at the end; ``end``: once). A failed upload only warns.
         report_to: loggers (recipe: ``wandb``; ``WANDB_MODE=offline`` works without network), ``csv``,
@@ -96,6 +106,8 @@ class SFTCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.data.tokenizer_name_or_path is None:
             config.data.tokenizer_name_or_path = config.model.model_name_or_path
+        if config.run.eval_strategy in ("steps", "epoch"):
+            config.data.do_eval = True
         level = getattr(logging, config.run.log_level.upper())
         for name in ("lit_sft", "transformers", "lightning.pytorch"):
             logging.getLogger(name).setLevel(level)
@@ -113,6 +125,7 @@ class SFTCLI(LightningCLI):
                 monitor="step", mode="max", save_top_k=-1 if limit is None else limit, **every))
         else:
             kwargs["enable_checkpointing"] = False
+        callbacks.append(SFTEvaluation(args["eval_strategy"], args["eval_steps"]))
         callbacks.append(HFExport(out, args["push_to_hub"], args["hub_model_id"], args["hub_strategy"],
                                   args["hub_private_repo"], args["save_steps"], args["export_dtype"]))
         kwargs["callbacks"] = callbacks

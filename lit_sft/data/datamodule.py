@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
@@ -44,6 +46,30 @@ class _PlannedRows(Dataset):
             return {**self._row(item.row), "supervised": item.supervised, "step": item.step,
                     "step_loss_tokens": item.step_loss_tokens, "last_in_step": item.last_in_step}
         return self._row(item)
+
+
+class _EvalRows(Dataset):
+    """Evaluation rows by ``(index, supervised)``; ``supervised=False`` is a filler (the collators mask its labels)."""
+
+    def __init__(self, rows: Any) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, item: tuple[int, bool]) -> dict[str, Any]:
+        row = self.rows[item[0]]
+        return {"input_ids": row["input_ids"], "labels": row["labels"], "supervised": item[1]}
+
+
+def eval_batches(num_rows: int, batch_size: int, world_size: int = 1, rank: int = 0) -> list[list[tuple[int, bool]]]:
+    """Rank ``rank``'s evaluation batches as ``[(row, supervised), ...]``: rows ``rank, rank + world_size, ...`` in
+    batches of ``batch_size``, then fillers ``[(0, False)]`` up to ``ceil(ceil(num_rows / world_size) / batch_size)``
+    batches, the count of rank 0 (the rank with the most rows), so that every rank runs the same number."""
+    mine = list(range(rank, num_rows, world_size))
+    batches = [[(row, True) for row in mine[i:i + batch_size]] for i in range(0, len(mine), batch_size)]
+    most = math.ceil(math.ceil(num_rows / world_size) / batch_size)
+    return batches + [[(0, False)] for _ in range(most - len(batches))]
 
 
 class _DeferredIterator:
@@ -296,10 +322,22 @@ class SFTDataModule(L.LightningDataModule):
                            persistent_workers=False, pin_memory=False)
 
     def val_dataloader(self) -> Any:
-        if not self.hparams.do_eval:
+        """This rank's share of the evaluation rows (rows ``rank, rank + world_size, ...``), in batches of
+        ``per_device_eval_batch_size``. Every rank runs the same number of batches (ZeRO-3 gathers parameters
+        collectively in each forward): a rank with fewer rows gets filler batches (one row, every label masked,
+        adding nothing to ``val/loss``). The loader draws its worker seed from its own generator, so evaluation
+        leaves the global RNG, and with it training, untouched. With ``do_eval: false``, ``[]`` (never requested
+        during ``fit``: :class:`lit_sft.evaluation.SFTEvaluation` turns validation off first).
+        """
+        hp = self.hparams
+        if not hp.do_eval:
             return []
-        return DataLoader(_PlannedRows(self.eval_rows), batch_size=self.hparams.per_device_eval_batch_size,
-                          collate_fn=self.collator(), num_workers=self.hparams.num_workers)
+        trainer = self.trainer
+        rank = trainer.global_rank if trainer is not None else 0
+        return DataLoader(_EvalRows(self.eval_rows),
+                          batch_sampler=eval_batches(len(self.eval_rows), hp.per_device_eval_batch_size,
+                                                     self.world_size, rank),
+                          collate_fn=self.collator(), num_workers=hp.num_workers, generator=torch.Generator())
 
     def state_dict(self) -> dict[str, Any]:
         """The data position is restored from the trainer's ``global_step`` (the plan is a function of the seed and
