@@ -182,3 +182,47 @@ def test_cli_eval_strategy_steps_with_overlay(paths, no_eval, tmp_path, monkeypa
     for want in reference_steps.steps:
         got = logged[want["global_step"]]
         assert got["train/loss"] == want["train/loss"] and got["train/grad_norm"] == want["train/grad_norm"]
+
+
+# -- val/loss across data-parallel ranks -----------------------------------------------------------------------------
+# 5 evaluation rows with answers of very different lengths, 1 row per evaluation batch: under 2 ranks rank 0 evaluates
+# rows 0, 2, 4 (long) and rank 1 rows 1, 3 (short) plus a filler batch, so both run 3 forwards. val/loss must be the
+# token mean over all 5 rows (the single-process value), not a mean of the ranks' means.
+EVAL_ANSWER_WORDS = [150, 1, 60, 4, 100]
+
+
+@pytest.fixture(scope="module")
+def dp_setup(tmp_path_factory):
+    from sft_harness import run_script, save_tiny_qwen2, write_rows
+
+    tmp = tmp_path_factory.mktemp("eval_dp")
+    os.makedirs(tmp / "data")
+    write_rows(str(tmp / "data" / "train.jsonl"), [5, 9, 3, 7])
+    write_rows(str(tmp / "data" / "test.jsonl"), EVAL_ANSWER_WORDS)
+    model_dir = save_tiny_qwen2(str(tmp / "model"))
+    args = ("--model-dir", model_dir, "--data", str(tmp / "data"))
+    run_script("tests/scripts/eval_run.py", *args, "--out", str(tmp / "single"), "--devices", "1")
+    return {"tmp": tmp, "args": args, "single": _reports(tmp / "single")}
+
+
+def _reports(folder):
+    import json
+
+    return [json.loads((folder / name).read_text()) for name in sorted(os.listdir(folder))]
+
+
+@pytest.mark.slow
+def test_val_loss_is_the_token_mean_over_ranks(dp_setup):
+    from sft_harness import run_script
+
+    out = dp_setup["tmp"] / "ddp"
+    run_script("tests/scripts/eval_run.py", *dp_setup["args"], "--out", str(out), "--devices", "2")
+    (single,), ranks = dp_setup["single"], _reports(out)
+    assert [r["world_size"] for r in ranks] == [2, 2] and single["global_step"] == 1
+    assert single["batches"] == 5
+    assert [r["batches"] for r in ranks] == [3, 3]  # each rank evaluates its share, padded to the same count
+    assert sum(r["tokens"] for r in ranks) == single["tokens"]
+    assert ranks[0]["tokens"] > 5 * ranks[1]["tokens"]  # a mean of the ranks' means would be far off
+    print(f"\nval/loss: 1 process {single['val_loss']:.8f}, 2 processes {ranks[0]['val_loss']:.8f}")
+    assert ranks[0]["val_loss"] == ranks[1]["val_loss"]
+    assert ranks[0]["val_loss"] == pytest.approx(single["val_loss"], abs=1e-6, rel=0)
