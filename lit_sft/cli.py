@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_sft.data.datamodule import SFTDataModule
 from lit_sft.checkpoint import SFTCheckpoint
+from lit_sft.console import quiet_resumed_checkpoint_dir
 from lit_sft.evaluation import SFTEvaluation
 from lit_sft.export import HFExport
 from lit_sft.loggers import build_loggers
@@ -87,7 +88,8 @@ def run_args(
             ``tensorboard``, or ``none``.
         run_name: the run's name in the loggers.
         wandb_project: the wandb project.
-        log_level: level of the ``lit_sft``, ``transformers`` and ``lightning`` Python loggers.
+        log_level: level of the ``lit_sft`` and ``lightning`` Python loggers; ``transformers`` and ``datasets`` stay
+            at ``warning`` unless ``debug``.
         export_dtype: cast the exported weights; default: the training dtype.
     """
 
@@ -109,8 +111,10 @@ class SFTCLI(LightningCLI):
         if config.run.eval_strategy in ("steps", "epoch"):
             config.data.do_eval = True
         level = getattr(logging, config.run.log_level.upper())
-        for name in ("lit_sft", "transformers", "lightning.pytorch"):
+        for name in ("lit_sft", "lightning.pytorch"):
             logging.getLogger(name).setLevel(level)
+        for name in ("transformers", "datasets"):  # at info they print every configuration: see lit_sft/console.py
+            logging.getLogger(name).setLevel(level if level == logging.DEBUG else max(level, logging.WARNING))
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         args = self._run()
@@ -130,8 +134,10 @@ class SFTCLI(LightningCLI):
                                   args["hub_private_repo"], args["save_steps"], args["export_dtype"]))
         kwargs["callbacks"] = callbacks
         kwargs.setdefault("default_root_dir", out)
+        resume = self.resume_checkpoint()
+        if resume and os.path.dirname(os.path.abspath(resume)) == os.path.abspath(os.path.join(out, CHECKPOINT_DIR)):
+            quiet_resumed_checkpoint_dir()
         if self._get(self.config_init, "trainer.logger") in (None, True):
-            resume = self.resume_checkpoint()
             match = _STEP_RE.search(resume or "")
             loggers = build_loggers(args["report_to"], out, args["run_name"], args["wandb_project"],
                                     int(match.group(1)) if match else None)

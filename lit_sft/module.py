@@ -105,6 +105,14 @@ class SFTModule(L.LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
 
+    def setup(self, stage: str) -> None:
+        """Refuse, before the model is built, a trainer under which the model keys would not hold exactly (see
+        :func:`check_trainer`)."""
+        if stage == "fit":
+            from lit_sft.supported import check_trainer
+
+            check_trainer(self.trainer)
+
     def configure_model(self) -> None:
         """Build the model; under ZeRO-3 it is born partitioned and pretrained weights load into the shards."""
         if self.model is not None:
