@@ -228,9 +228,11 @@ class SFTModule(L.LightningModule):
         """The loop's defaults when the trainer has none of its own: :class:`lit_sft.evaluation.SFTEvaluation`
         (validation only between optimizer steps, scheduled in optimizer steps) and, in place of Lightning's stock
         progress bar (which counts micro-batches), :class:`lit_sft.progress.SFTProgressBar` (optimizer steps)."""
+        from lit_sft.console import quiet_known_noise
         from lit_sft.evaluation import SFTEvaluation
         from lit_sft.progress import replace_stock_progress_bar
 
+        quiet_known_noise()  # again: a warnings.catch_warnings() block around lit_sft's import may have reset it
         trainer = self.trainer
         callbacks: list[L.Callback] = []
         if not any(isinstance(c, SFTEvaluation) for c in trainer.callbacks):

@@ -129,8 +129,8 @@ class SFTProgressBar(TQDMProgressBar):
         self._last_step = step
         start, total = epoch_span(trainer)
         bar = self.train_progress_bar
-        if self.is_enabled and bar is not None and (step % self.refresh_rate == 0 or step - start == total):
-            bar.n = step - start
+        bar.n = step - start  # counted in both modes (a disabled tqdm draws nothing)
+        if self.is_enabled and (step % self.refresh_rate == 0 or step - start == total):
             bar.set_postfix(self.get_metrics(trainer, pl_module))
             bar.refresh()
         every = trainer.log_every_n_steps or 1
