@@ -3,7 +3,7 @@
 * CSV: Lightning's ``CSVLogger`` deletes an existing ``metrics.csv`` when a run restarts in the same folder; a resumed
   SFT run must keep its history. :class:`ResumableCSVLogger` appends instead, after :func:`trim_metrics` removed the
   rows of steps the interrupted run logged after its last checkpoint (they are trained again).
-* wandb: one run id for the whole training. A fresh run draws an id and writes it to ``output_dir/wandb/run_id``
+* wandb: one run id for the whole training. A fresh run draws a random id and writes it to ``output_dir/wandb/run_id``
   (:func:`wandb_run_id`) before training; a resumed run reads it back and continues that run (``WandbLogger(id=...)``,
   whose ``resume="allow"`` appends to it; offline runs of the same id are merged by ``wandb sync``). Steps the
   interrupted run logged after its last checkpoint stay in wandb's history (wandb cannot remove them offline).
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import csv
 import os
+import secrets
+import string
 from typing import Any, Optional
 
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -52,7 +54,7 @@ def trim_metrics(path: str, max_step: int) -> None:
 
 def wandb_run_id(output_dir: str, resuming: bool) -> str:
     """The wandb run id of the training in ``output_dir``: the one stored in ``output_dir/wandb/run_id`` when
-    ``resuming`` (a checkpoint is being resumed), else a new one (``wandb.util.generate_id()``), stored there by global
+    ``resuming`` (a checkpoint is being resumed), else a new one (8 random lowercase letters and digits), stored there by global
     rank 0 so that a later resume finds it (the file is written before training starts, so it survives any kill)."""
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -62,9 +64,7 @@ def wandb_run_id(output_dir: str, resuming: bool) -> str:
             stored = f.read().strip()
         if stored:
             return stored
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # wandb's id alphabet
     if rank_zero_only.rank == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w") as f:
