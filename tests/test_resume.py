@@ -282,3 +282,68 @@ def test_resume_in_a_later_epoch_with_workers_is_exact(matrix, tmp_path, workers
                     "train/grad_norm"):
             assert g[key] == w[key], (g["global_step"], key, g[key], w[key])
     assert weight_digest(module) == reference["digests"][total], "final weights differ from the uninterrupted run"
+
+
+# -- a token budget: the number of micro-batches differs from epoch to epoch ---------------------------------------
+# 12 rows, 4 rows per optimizer step (2 x 2), micro-batches of <= 100 tokens: 3 steps per epoch, in 6, 7 and 7
+# micro-batches (epochs 0, 1, 2). Lightning ends an epoch after len(loader) micro-batches, read when the loader is
+# built: with epoch 0's 6, epoch 1 was cut before its last micro-batch (half an optimizer step).
+class PackedStepRows(L.Callback):
+    """Per optimizer step: the rows it trained (token ids split at ``cu_seq_lens_q``, looked up in the data)."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, list[int], float]] = []
+        self._rows: list[int] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        index = {tuple(ids): i for i, ids in enumerate(trainer.datamodule.train_rows["input_ids"])}
+        ids, bounds = batch["input_ids"][0].tolist(), batch["cu_seq_lens_q"].tolist()
+        labels = batch["labels"][0]
+        for a, b in zip(bounds, bounds[1:]):
+            if (labels[a:b] != -100).any():  # a filler row has every label masked
+                self._rows.append(index[tuple(ids[a:b])])
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        if trainer.global_step != self._step:
+            self.steps.append((trainer.global_step, sorted(self._rows), module.last_step_metrics["train/loss"]))
+            self._rows = []
+
+
+@pytest.mark.slow
+def test_token_budget_epochs_are_whole_and_resume_exactly(tmp_path):
+    from lit_sft.data.sampler import plan_epoch
+
+    rows = write_jsonl(str(tmp_path / "rows.jsonl"), chat_rows(12, seed=8))
+    model = save_tiny_model(str(tmp_path / "init"), seed=4)
+    settings = dict(padding_free=True, max_tokens_per_micro_batch=100, max_length=100, per_device_train_batch_size=2,
+                    gradient_accumulation_steps=2, num_workers=2, seed=0)
+    data = sft_data(rows, **settings)
+
+    def fit(root, callbacks=(), ckpt_path=None):
+        record, digests = PackedStepRows(), WeightDigests()
+        module = sft_module(model, attn_implementation="lit_sft_varlen", **CONSTANT_LR)
+        trainer = cpu_trainer(root, [record, digests, *callbacks], max_epochs=3,
+                              enable_checkpointing=bool(callbacks))
+        try:
+            trainer.fit(module, data, ckpt_path=ckpt_path)
+        except Killed:
+            pass
+        return record, digests, trainer
+
+    full, full_digests, trainer = fit(str(tmp_path / "full"))
+    counts = [sum(len(step) for step in plan_epoch(data.train_rows["num_loss_tokens"], 2, 2, 1, 0, e, True,
+                                                   data.train_rows["length"], 100)) for e in range(3)]
+    assert counts[1] > counts[0], counts  # the case that was cut
+    assert trainer.global_step == 9
+    for (step, got, _), e_s in zip(full.steps, [(e, s) for e in range(3) for s in range(3)]):
+        plan = plan_epoch(data.train_rows["num_loss_tokens"], 2, 2, 1, 0, e_s[0], True, data.train_rows["length"], 100)
+        assert got == sorted(r for mb in plan[e_s[1]] for r, sup in mb if sup), step
+
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), filename="step-{step:06d}",
+                                 auto_insert_metric_name=False, every_n_train_steps=4, save_top_k=-1)
+    before, _, _ = fit(str(tmp_path / "b"), [checkpoint, KillAfterStep(4)])
+    after, after_digests, resumed = fit(str(tmp_path / "b"), ckpt_path=str(tmp_path / "ckpt" / "step-000004.ckpt"))
+    assert resumed.global_step == 9
+    assert before.steps + after.steps == full.steps  # same rows and bit-identical losses at every step
+    assert after_digests.by_step[9] == full_digests.by_step[9]

@@ -316,8 +316,22 @@ class SFTDataModule(L.LightningDataModule):
         return PaddingCollator(self.tokenizer.pad_token_id, self.hparams.pad_to_multiple_of)
 
     def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        return _StepLoader(_PlannedRows(self.train_rows, self.train_groups), batch_sampler=self.batch_sampler(),
+        """This rank's micro-batches (:class:`_StepLoader` over :meth:`batch_sampler`).
+
+        Lightning reads ``len(loader)`` (micro-batches per epoch) when it builds the loader and ends an epoch after
+        that many; the sampler is therefore set, already here, to the epoch the run is in by its optimizer step
+        (``global_step // steps_per_epoch``: the right one on a fresh run, on a resume mid-epoch and on a resume at an
+        epoch end). With a token budget the number of micro-batches differs from epoch to epoch, so the loader is then
+        rebuilt every epoch (``trainer.reload_dataloaders_every_n_epochs = 1``); with a fixed length, an epoch with
+        more micro-batches than the first would be cut in the middle of an optimizer step.
+        """
+        hp, trainer = self.hparams, self.trainer
+        sampler = self.batch_sampler()
+        if trainer is not None:
+            sampler.set_epoch(trainer.global_step // sampler.steps_per_epoch)
+            if hp.max_tokens_per_micro_batch is not None and not trainer.reload_dataloaders_every_n_epochs:
+                trainer.reload_dataloaders_every_n_epochs = 1
+        return _StepLoader(_PlannedRows(self.train_rows, self.train_groups), batch_sampler=sampler,
                            collate_fn=self.collator(), num_workers=hp.num_workers,
                            persistent_workers=False, pin_memory=False)
 
