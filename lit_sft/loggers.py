@@ -54,8 +54,8 @@ def trim_metrics(path: str, max_step: int) -> None:
 
 def wandb_run_id(output_dir: str, resuming: bool) -> str:
     """The wandb run id of the training in ``output_dir``: the one stored in ``output_dir/wandb/run_id`` when
-    ``resuming`` (a checkpoint is being resumed), else a new one (8 random lowercase letters and digits), stored there by global
-    rank 0 so that a later resume finds it (the file is written before training starts, so it survives any kill)."""
+    ``resuming`` (a checkpoint is being resumed), else a new one (8 random lowercase letters and digits), stored
+    there by global rank 0 so that a later resume finds it (written before training starts: it survives any kill)."""
     from lightning.pytorch.utilities import rank_zero_only
 
     path = os.path.join(output_dir, "wandb", "run_id")

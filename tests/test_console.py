@@ -152,8 +152,8 @@ def test_cli_log_in_a_file_survives_sigkill_and_is_quiet(paths, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     first = (tmp_path / "first.log").read_text()
-    assert re.findall(r"^step (\d)/6 \| epoch 0 \| loss \d+\.\d{4} \| tokens/s \S+ \| lr \S+ \| elapsed \S+ \| ETA \S+$",
-                      first, re.M)[:3] == ["1", "2", "3"], first
+    line = r"^step (\d)/6 \| epoch 0 \| loss \d+\.\d{4} \| tokens/s \S+ \| lr \S+ \| elapsed \S+ \| ETA \S+$"
+    assert re.findall(line, first, re.M)[:3] == ["1", "2", "3"], first
     assert "Saving checkpoint at optimizer step 2 (epoch 0)" in first
 
     second = subprocess.run(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -162,4 +162,5 @@ def test_cli_log_in_a_file_survives_sigkill_and_is_quiet(paths, tmp_path):
     assert "Resuming at optimizer step 2/6 (epoch 0)" in second.stdout
     assert re.findall(r"^step (\d)/6 \|", second.stdout, re.M) == ["3", "4", "5", "6"]
     for text in (first, second.stdout):
-        assert not [n for n in NOISE if n in text], [line for line in text.splitlines() if any(n in line for n in NOISE)]
+        noisy = [line for line in text.splitlines() if any(n in line for n in NOISE)]
+        assert not noisy, noisy

@@ -64,8 +64,6 @@ def paths(tmp_path_factory):
 
 
 def _fit(paths, root, do_eval, callbacks=(), **trainer_kwargs):
-    from lit_sft.evaluation import SFTEvaluation  # noqa: F401  (imported here: the test fails cleanly without it)
-
     record, steps = Record(), StepRecorder()
     module = sft_module(paths["model"], learning_rate=LR)
     data = sft_data(paths["data"], do_eval=do_eval, **SETTINGS)
