@@ -66,6 +66,7 @@ class SFTEvaluation(Callback):
         self._limit: Union[int, float] = 1.0
         self._saved: Optional[dict[str, Any]] = None
         self._last_step: Optional[int] = None
+        self._per_epoch: Optional[int] = None
 
     # -- configuration -------------------------------------------------------------------------------------------
     def _resolve(self, trainer: L.Trainer) -> EvalStrategy:
@@ -111,6 +112,8 @@ class SFTEvaluation(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.limit_val_batches = 0
         self._last_step = trainer.global_step
+        datamodule = trainer.datamodule
+        self._per_epoch = getattr(datamodule, "optimizer_steps_per_epoch", None) if datamodule is not None else None
 
     def due(self, trainer: L.Trainer) -> bool:
         """Whether the optimizer step that just completed (``trainer.global_step``) is followed by an evaluation."""
@@ -118,9 +121,8 @@ class SFTEvaluation(Callback):
         if self._strategy == "steps":
             return step % self._every == 0
         if self._strategy == "epoch":
-            steps_per_epoch = getattr(trainer.datamodule, "optimizer_steps_per_epoch", None)
-            if steps_per_epoch:
-                return step % steps_per_epoch == 0
+            if self._per_epoch:
+                return step % self._per_epoch == 0
             return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
         return False
 

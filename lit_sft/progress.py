@@ -50,11 +50,15 @@ def run_steps(trainer: L.Trainer, module: L.LightningModule) -> Optional[int]:
     return trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
 
 
-def epoch_span(trainer: L.Trainer) -> tuple[int, Optional[int]]:
-    """``(first step, step count)`` of the current epoch in optimizer steps, from the data module's
-    ``optimizer_steps_per_epoch`` and ``max_steps``; without it, the whole run: ``(0, max_steps or None)``."""
+def steps_per_epoch(trainer: L.Trainer) -> Optional[int]:
+    """Optimizer steps per epoch from the data module (``SFTDataModule.optimizer_steps_per_epoch``), or ``None``."""
+    return getattr(trainer.datamodule, "optimizer_steps_per_epoch", None) if trainer.datamodule is not None else None
+
+
+def epoch_span(trainer: L.Trainer, per_epoch: Optional[int]) -> tuple[int, Optional[int]]:
+    """``(first step, step count)`` of the current epoch in optimizer steps, from ``per_epoch`` (optimizer steps per
+    epoch) and ``max_steps``; without ``per_epoch``, the whole run: ``(0, max_steps or None)``."""
     max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-    per_epoch = getattr(trainer.datamodule, "optimizer_steps_per_epoch", None) if trainer.datamodule else None
     if not per_epoch:
         return 0, max_steps
     start = trainer.current_epoch * per_epoch
@@ -83,6 +87,7 @@ class SFTProgressBar(TQDMProgressBar):
         self._start_step = 0
         self._last_step: Optional[int] = None
         self._total: Optional[int] = None
+        self._per_epoch: Optional[int] = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -98,7 +103,7 @@ class SFTProgressBar(TQDMProgressBar):
 
     # -- training bar in optimizer steps -------------------------------------------------------------------------
     def _reset_train_bar(self, trainer: L.Trainer) -> None:
-        start, total = epoch_span(trainer)
+        start, total = epoch_span(trainer, self._per_epoch)
         bar = self.train_progress_bar
         bar.reset(total=convert_inf(total))
         bar.initial = 0
@@ -111,6 +116,7 @@ class SFTProgressBar(TQDMProgressBar):
         self._start_time, self._start_step = time.perf_counter(), trainer.global_step
         self._last_step = trainer.global_step
         self._total = run_steps(trainer, pl_module)
+        self._per_epoch = steps_per_epoch(trainer)
         self._reset_train_bar(trainer)
         if trainer.global_step > 0:
             rank_zero_info(f"Resuming at optimizer step {trainer.global_step}"
@@ -127,7 +133,7 @@ class SFTProgressBar(TQDMProgressBar):
         if step == self._last_step:  # inside an accumulation window: no optimizer step yet
             return
         self._last_step = step
-        start, total = epoch_span(trainer)
+        start, total = epoch_span(trainer, self._per_epoch)
         bar = self.train_progress_bar
         bar.n = step - start  # counted in both modes (a disabled tqdm draws nothing)
         if self.is_enabled and (step % self.refresh_rate == 0 or step - start == total):
