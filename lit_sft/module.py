@@ -107,7 +107,7 @@ class SFTModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Refuse, before the model is built, a trainer under which the model keys would not hold exactly (see
-        :func:`check_trainer`)."""
+        :func:`lit_sft.supported.check_trainer`)."""
         if stage == "fit":
             from lit_sft.supported import check_trainer
 
