@@ -39,7 +39,6 @@ def main() -> None:
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--strategy", choices=["ddp", "zero3"], default="ddp")
     parser.add_argument("--devices", type=int, default=2)
     args = parser.parse_args()
 
@@ -47,10 +46,6 @@ def main() -> None:
 
     os.makedirs(args.out, exist_ok=True)
     strategy = "ddp" if args.devices > 1 else "auto"
-    if args.strategy == "zero3":
-        from cpu_deepspeed import CPUDeepSpeedStrategy
-
-        strategy = CPUDeepSpeedStrategy(zero_stage=3)
     count = CountEvaluation()
     micro = 4 // args.devices  # 4 rows per optimizer step whatever the number of processes
     trainer, module = fit_lit_sft(args.model_dir, args.data, micro, 1, 1, devices=args.devices, strategy=strategy,
