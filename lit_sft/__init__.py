@@ -4,9 +4,15 @@
 ``lit_sft fit --config configs/qwen_zero3.yaml`` drives them through LightningCLI (``lit_sft/cli.py``).
 """
 
-from lit_sft.data.datamodule import SFTDataModule
-from lit_sft.module import SFTModule
-from lit_sft.strategy import SFTDeepSpeedStrategy
+from lit_sft.console import quiet_known_noise
 
-__all__ = ["SFTDataModule", "SFTModule", "SFTDeepSpeedStrategy"]
+quiet_known_noise()  # before any Trainer exists: see lit_sft/console.py
+
+from lit_sft.data.datamodule import SFTDataModule  # noqa: E402
+from lit_sft.evaluation import SFTEvaluation  # noqa: E402
+from lit_sft.module import SFTModule  # noqa: E402
+from lit_sft.progress import SFTProgressBar  # noqa: E402
+from lit_sft.strategy import SFTDeepSpeedStrategy  # noqa: E402
+
+__all__ = ["SFTDataModule", "SFTEvaluation", "SFTModule", "SFTProgressBar", "SFTDeepSpeedStrategy"]
 __version__ = "0.1.0"

@@ -22,6 +22,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_sft.data.datamodule import SFTDataModule
 from lit_sft.checkpoint import SFTCheckpoint
+from lit_sft.console import quiet_resumed_checkpoint_dir
+from lit_sft.evaluation import SFTEvaluation
 from lit_sft.export import HFExport
 from lit_sft.loggers import build_loggers
 from lit_sft.module import SFTModule
@@ -52,6 +54,8 @@ def run_args(
     save_strategy: Literal["steps", "epoch", "no"] = "steps",
     save_steps: int = 100,
     save_total_limit: Optional[int] = 1,
+    eval_strategy: Optional[Literal["no", "steps", "epoch"]] = None,
+    eval_steps: Optional[int] = None,
     push_to_hub: bool = False,
     hub_model_id: Optional[str] = None,
     hub_strategy: Literal["every_save", "end"] = "every_save",
@@ -77,13 +81,21 @@ def run_args(
         save_steps: optimizer steps between checkpoints (recipe: 100).
         save_total_limit: checkpoints kept, newest first (recipe: 1); an old one is deleted only after the new one
             is written. ``null`` keeps all.
+        eval_strategy: evaluate on ``data.dataset_test_split`` every ``eval_steps`` optimizer steps (``steps``), at
+            the end of each epoch (``epoch``), or never (``no``); ``null``: ``epoch`` with ``data.do_eval: true``,
+            else ``no``. ``steps``/``epoch`` turn ``data.do_eval`` on (as transformers does). Evaluation runs only
+            between optimizer steps and never changes training (``lit_sft/evaluation.py``); keep
+            ``trainer.val_check_interval`` at 1.0 (it counts micro-batches).
+        eval_steps: optimizer steps between evaluations with ``eval_strategy: steps``; ``null``: ``logging_steps``
+            (``trainer.log_every_n_steps``).
         push_to_hub, hub_model_id, hub_strategy, hub_private_repo: upload the exported model with huggingface_hub
             (``every_save``: at every checkpoint and at the end; ``end``: once). A failed upload only warns.
         report_to: loggers (recipe: ``wandb``; ``WANDB_MODE=offline`` works without network), ``csv``,
             ``tensorboard``, or ``none``.
         run_name: the run's name in the loggers.
         wandb_project: the wandb project.
-        log_level: level of the ``lit_sft``, ``transformers`` and ``lightning`` Python loggers.
+        log_level: level of the ``lit_sft`` and ``lightning`` Python loggers; ``transformers`` and ``datasets`` stay
+            at ``warning`` unless ``debug``.
         export_dtype: cast the exported weights; default: the training dtype.
         export_format: ``compatible`` writes a folder that transformers 4.x (the newest, 4.57) loads with the same
             config values and logits as transformers 5 (adds 4.x's ``rope_theta``/``rope_scaling`` and
@@ -153,9 +165,13 @@ class SFTCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.data.tokenizer_name_or_path is None:
             config.data.tokenizer_name_or_path = config.model.model_name_or_path
+        if config.run.eval_strategy in ("steps", "epoch"):
+            config.data.do_eval = True
         level = getattr(logging, config.run.log_level.upper())
-        for name in ("lit_sft", "transformers", "lightning.pytorch"):
+        for name in ("lit_sft", "lightning.pytorch"):
             logging.getLogger(name).setLevel(level)
+        for name in ("transformers", "datasets"):  # at info they print every configuration: see lit_sft/console.py
+            logging.getLogger(name).setLevel(level if level == logging.DEBUG else max(level, logging.WARNING))
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         args = self._run()
@@ -170,12 +186,15 @@ class SFTCLI(LightningCLI):
                 monitor="step", mode="max", save_top_k=-1 if limit is None else limit, **every))
         else:
             kwargs["enable_checkpointing"] = False
+        callbacks.append(SFTEvaluation(args["eval_strategy"], args["eval_steps"]))
         callbacks.append(HFExport(out, args["push_to_hub"], args["hub_model_id"], args["hub_strategy"],
                                   args["hub_private_repo"], args["save_steps"], args["export_dtype"]))
         kwargs["callbacks"] = callbacks
         kwargs.setdefault("default_root_dir", out)
+        resume = self.resume_checkpoint()
+        if resume and os.path.dirname(os.path.abspath(resume)) == os.path.abspath(os.path.join(out, CHECKPOINT_DIR)):
+            quiet_resumed_checkpoint_dir()
         if self._get(self.config_init, "trainer.logger") in (None, True):
-            resume = self.resume_checkpoint()
             match = _STEP_RE.search(resume or "")
             loggers = build_loggers(args["report_to"], out, args["run_name"], args["wandb_project"],
                                     int(match.group(1)) if match else None)

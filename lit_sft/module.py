@@ -105,6 +105,14 @@ class SFTModule(L.LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
 
+    def setup(self, stage: str) -> None:
+        """Refuse, before the model is built, a trainer under which the model keys would not hold exactly (see
+        :func:`lit_sft.supported.check_trainer`)."""
+        if stage == "fit":
+            from lit_sft.supported import check_trainer
+
+            check_trainer(self.trainer)
+
     def configure_model(self) -> None:
         """Build the model; under ZeRO-3 it is born partitioned and pretrained weights load into the shards."""
         if self.model is not None:
@@ -226,9 +234,8 @@ class SFTModule(L.LightningModule):
         """Show the step's metrics in the progress bar and write them to every logger every
         ``trainer.log_every_n_steps`` optimizer steps, at ``step = global_step``."""
         self.last_step_metrics = metrics
-        for key in ("train/loss", "train/tokens_per_s", "train/mfu"):
-            if metrics[key] != metrics[key]:  # nan: e.g. no known peak FLOP/s on this device
-                continue
+        shown = ("train/loss", "train/tokens_per_s") + (("train/mfu",) if self.step_metrics.peak_flops else ())
+        for key in shown:  # as logged: a non-finite loss shows as nan (MFU only where the device's peak is known)
             self.log(key.split("/")[1], metrics[key], prog_bar=True, logger=False, on_step=True, on_epoch=False)
         every = self.trainer.log_every_n_steps
         if every and self.global_step % every == 0:
@@ -236,17 +243,55 @@ class SFTModule(L.LightningModule):
                 logger.log_metrics(metrics, step=self.global_step)
 
     # -- evaluation ----------------------------------------------------------------------------------------------
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The loop's defaults when the trainer has none of its own: :class:`lit_sft.evaluation.SFTEvaluation`
+        (validation only between optimizer steps, scheduled in optimizer steps) and, in place of Lightning's stock
+        progress bar (which counts micro-batches), :class:`lit_sft.progress.SFTProgressBar` (optimizer steps)."""
+        from lit_sft.console import quiet_known_noise
+        from lit_sft.evaluation import SFTEvaluation
+        from lit_sft.progress import replace_stock_progress_bar
+
+        quiet_known_noise()  # again: a warnings.catch_warnings() block around lit_sft's import may have reset it
+        trainer = self.trainer
+        callbacks: list[L.Callback] = []
+        if not any(isinstance(c, SFTEvaluation) for c in trainer.callbacks):
+            callbacks.append(SFTEvaluation())
+        callbacks += replace_stock_progress_bar(trainer)
+        return callbacks
+
+    def on_validation_model_zero_grad(self) -> None:
+        """Lightning zeroes gradients before validation; here validation may only start between optimizer steps
+        (:class:`lit_sft.evaluation.SFTEvaluation`), where there is nothing to zero.
+
+        Raises:
+            RuntimeError: a gradient is pending (validation inside an accumulation window would wipe it).
+        """
+        if any(p.grad is not None for p in self.parameters()):
+            raise RuntimeError(
+                f"validation started inside an accumulation window (optimizer step {self.global_step + 1} has pending "
+                "gradients, which it would wipe); schedule evaluation with lit_sft.evaluation.SFTEvaluation "
+                "(run.eval_strategy / run.eval_steps), not with trainer.val_check_interval")
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss_sum, num_loss_tokens, *_ = self.loss_sums(batch)
         sums = torch.stack([loss_sum.detach().double(), num_loss_tokens.double()])
         self._val_sums = sums if self._val_sums is None else self._val_sums + sums
 
     def on_validation_epoch_end(self) -> None:
-        if self._val_sums is None:
-            return
-        loss_sum, tokens = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
+        """``val/loss``: summed token loss over summed supervised tokens of the whole evaluation set, all ranks
+        together (one all-reduce; every rank gets the same value). Shown in the progress bar and given to callbacks
+        (``monitor="val/loss"``), and written to the loggers at ``step = global_step`` (optimizer steps), like the
+        training metrics."""
+        sums = self._val_sums if self._val_sums is not None else torch.zeros(2, dtype=torch.float64, device=self.device)
         self._val_sums = None
-        self.log("val/loss", loss_sum / max(tokens, 1.0), prog_bar=True, sync_dist=False, rank_zero_only=True)
+        loss_sum, tokens = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
+        if tokens == 0:
+            return
+        value = loss_sum / tokens
+        self.log("val/loss", value, prog_bar=True, logger=False, sync_dist=False)
+        if not self.trainer.sanity_checking:
+            for logger in self.loggers:
+                logger.log_metrics({"val/loss": value, "val/num_loss_tokens": tokens}, step=self.global_step)
 
     # -- optimizer -----------------------------------------------------------------------------------------------
     def num_training_steps(self) -> int:

@@ -14,10 +14,12 @@ then checked through the CLI, whose second invocation finds the checkpoint in ``
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
 import warnings
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -186,3 +188,162 @@ def test_cli_kill_and_auto_resume(reference, tmp_path, monkeypatch):
     assert set(reference["weights"]) - set(exported) <= {"lm_head.weight"}  # tied to the embeddings
     expected = {k: v for k, v in reference["weights"].items() if k in exported}
     assert _max_param_diff(exported, expected) <= TOL
+
+
+# -- resume with loader workers, in later epochs, with and without accumulation -----------------------------------
+# 6 rows, 2 rows per micro-batch: accumulation 1 gives 3 steps per epoch, accumulation 2 gives 2 (the second holds 2
+# rows). A constant learning rate makes the first E epochs of the 3-epoch reference the uninterrupted E-epoch run, so
+# one reference per accumulation serves every case. Everything is compared bit for bit.
+MATRIX_ROWS, MATRIX_EPOCHS = 6, 3
+CONSTANT_LR = dict(learning_rate=LR, lr_scheduler_type="constant", lr_scheduler_kwargs={}, warmup_ratio=0.0)
+
+
+def weight_digest(module) -> str:
+    """sha256 of every parameter's bytes: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class WeightDigests(L.Callback):
+    """``{global_step: weight_digest}`` after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, str] = {}
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        if trainer.global_step not in self.by_step:
+            self.by_step[trainer.global_step] = weight_digest(module)
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume_matrix")
+    paths = {"data": write_jsonl(str(tmp / "rows.jsonl"), chat_rows(MATRIX_ROWS, seed=3)),
+             "model": save_tiny_model(str(tmp / "init"), seed=1)}
+    data_modules: dict = {}
+
+    def data(accumulation: int, workers: int):
+        # one data module per setting, reused by every fit (its tokenized rows are kept; the trainer is re-attached)
+        key = (accumulation, workers)
+        if key not in data_modules:
+            data_modules[key] = sft_data(paths["data"], per_device_train_batch_size=2,
+                                         gradient_accumulation_steps=accumulation, num_workers=workers)
+        return data_modules[key]
+
+    def fit(root, accumulation, workers, epochs, callbacks=(), ckpt_path=None):
+        recorder = StepRecorder()
+        module = sft_module(paths["model"], **CONSTANT_LR)
+        trainer = cpu_trainer(root, [recorder, *callbacks], max_epochs=epochs,
+                              enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks))
+        try:
+            trainer.fit(module, data(accumulation, workers), ckpt_path=ckpt_path)
+        except Killed:
+            pass
+        return recorder, module, trainer
+
+    references = {}
+    for accumulation in (1, 2):
+        digests = WeightDigests()
+        recorder, module, trainer = fit(str(tmp / f"ref{accumulation}"), accumulation, 0, MATRIX_EPOCHS, [digests])
+        references[accumulation] = {"steps": recorder.steps, "digests": digests.by_step}
+        assert len({tuple(s["rows"]) for s in recorder.steps[:3]}) > 1  # the epochs' row orders differ
+    return {"fit": fit, "references": references}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers, accumulation, epochs, kill", [
+    (2, 1, 2, 4),  # the reported case: killed in epoch 2 of 2 with loader workers (resumed run trained nothing)
+    (2, 2, 3, 4),  # killed at the end of epoch 2 of 3: the resumed run starts epoch 3
+    (2, 2, 3, 5),  # killed mid epoch 3 of 3
+    (0, 1, 3, 7),  # no workers, epoch 3 of 3
+], ids=["workers2_acc1_epoch2of2", "workers2_acc2_end_of_epoch2of3", "workers2_acc2_epoch3of3",
+        "workers0_acc1_epoch3of3"])
+def test_resume_in_a_later_epoch_with_workers_is_exact(matrix, tmp_path, workers, accumulation, epochs, kill):
+    reference = matrix["references"][accumulation]
+    steps_per_epoch = 3 if accumulation == 1 else 2
+    total = epochs * steps_per_epoch
+    want = reference["steps"][:total]
+    ckpt_dir = str(tmp_path / "checkpoints")
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", auto_insert_metric_name=False,
+                                 every_n_train_steps=kill, save_top_k=-1)
+    before, _, killed = matrix["fit"](str(tmp_path), accumulation, workers, epochs, [checkpoint, KillAfterStep(kill)])
+    assert killed.global_step == kill
+    after, module, resumed = matrix["fit"](str(tmp_path), accumulation, workers, epochs,
+                                           ckpt_path=os.path.join(ckpt_dir, f"step-{kill:06d}.ckpt"))
+
+    assert resumed.global_step == total, f"resumed run stopped at step {resumed.global_step} of {total}"
+    got = before.steps + after.steps
+    assert [s["global_step"] for s in got] == list(range(1, total + 1))
+    for g, w in zip(got, want):
+        for key in ("epoch", "rows", "lrs", "train/loss", "train/num_loss_tokens", "train/tokens_seen",
+                    "train/grad_norm"):
+            assert g[key] == w[key], (g["global_step"], key, g[key], w[key])
+    assert weight_digest(module) == reference["digests"][total], "final weights differ from the uninterrupted run"
+
+
+# -- a token budget: the number of micro-batches differs from epoch to epoch ---------------------------------------
+# 12 rows, 4 rows per optimizer step (2 x 2), micro-batches of <= 100 tokens: 3 steps per epoch, in 6, 7 and 7
+# micro-batches (epochs 0, 1, 2). Lightning ends an epoch after len(loader) micro-batches, read when the loader is
+# built: with epoch 0's 6, epoch 1 was cut before its last micro-batch (half an optimizer step).
+class PackedStepRows(L.Callback):
+    """Per optimizer step: the rows it trained (token ids split at ``cu_seq_lens_q``, looked up in the data)."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, list[int], float]] = []
+        self._rows: list[int] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        index = {tuple(ids): i for i, ids in enumerate(trainer.datamodule.train_rows["input_ids"])}
+        ids, bounds = batch["input_ids"][0].tolist(), batch["cu_seq_lens_q"].tolist()
+        labels = batch["labels"][0]
+        for a, b in zip(bounds, bounds[1:]):
+            if (labels[a:b] != -100).any():  # a filler row has every label masked
+                self._rows.append(index[tuple(ids[a:b])])
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        if trainer.global_step != self._step:
+            self.steps.append((trainer.global_step, sorted(self._rows), module.last_step_metrics["train/loss"]))
+            self._rows = []
+
+
+@pytest.mark.slow
+def test_token_budget_epochs_are_whole_and_resume_exactly(tmp_path):
+    from lit_sft.data.sampler import plan_epoch
+
+    rows = write_jsonl(str(tmp_path / "rows.jsonl"), chat_rows(12, seed=8))
+    model = save_tiny_model(str(tmp_path / "init"), seed=4)
+    settings = dict(padding_free=True, max_tokens_per_micro_batch=100, max_length=100, per_device_train_batch_size=2,
+                    gradient_accumulation_steps=2, num_workers=2, seed=0)
+    data = sft_data(rows, **settings)
+
+    def fit(root, callbacks=(), ckpt_path=None):
+        record, digests = PackedStepRows(), WeightDigests()
+        module = sft_module(model, attn_implementation="lit_sft_varlen", **CONSTANT_LR)
+        trainer = cpu_trainer(root, [record, digests, *callbacks], max_epochs=3,
+                              enable_checkpointing=bool(callbacks))
+        try:
+            trainer.fit(module, data, ckpt_path=ckpt_path)
+        except Killed:
+            pass
+        return record, digests, trainer
+
+    full, full_digests, trainer = fit(str(tmp_path / "full"))
+    counts = [sum(len(step) for step in plan_epoch(data.train_rows["num_loss_tokens"], 2, 2, 1, 0, e, True,
+                                                   data.train_rows["length"], 100)) for e in range(3)]
+    assert counts[1] > counts[0], counts  # the case that was cut
+    assert trainer.global_step == 9
+    for (step, got, _), e_s in zip(full.steps, [(e, s) for e in range(3) for s in range(3)]):
+        plan = plan_epoch(data.train_rows["num_loss_tokens"], 2, 2, 1, 0, e_s[0], True, data.train_rows["length"], 100)
+        assert got == sorted(r for mb in plan[e_s[1]] for r, sup in mb if sup), step
+
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), filename="step-{step:06d}",
+                                 auto_insert_metric_name=False, every_n_train_steps=4, save_top_k=-1)
+    before, _, _ = fit(str(tmp_path / "b"), [checkpoint, KillAfterStep(4)])
+    after, after_digests, resumed = fit(str(tmp_path / "b"), ckpt_path=str(tmp_path / "ckpt" / "step-000004.ckpt"))
+    assert resumed.global_step == 9
+    assert before.steps + after.steps == full.steps  # same rows and bit-identical losses at every step
+    assert after_digests.by_step[9] == full_digests.by_step[9]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-from typing import Any, Literal, Optional, Union
+import math
+from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
@@ -61,11 +63,63 @@ def _columns_to_drop(rows: Any) -> list[str]:
     return [c for c in rows.column_names if c != SOURCE_COLUMN]
 
 
+class _EvalRows(Dataset):
+    """Evaluation rows by ``(index, supervised)``; ``supervised=False`` is a filler (the collators mask its labels)."""
+
+    def __init__(self, rows: Any) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, item: tuple[int, bool]) -> dict[str, Any]:
+        row = self.rows[item[0]]
+        return {"input_ids": row["input_ids"], "labels": row["labels"], "supervised": item[1]}
+
+
+def eval_batches(num_rows: int, batch_size: int, world_size: int = 1, rank: int = 0) -> list[list[tuple[int, bool]]]:
+    """Rank ``rank``'s evaluation batches as ``[(row, supervised), ...]``: rows ``rank, rank + world_size, ...`` in
+    batches of ``batch_size``, then fillers ``[(0, False)]`` up to ``ceil(ceil(num_rows / world_size) / batch_size)``
+    batches, the count of rank 0 (the rank with the most rows), so that every rank runs the same number."""
+    mine = list(range(rank, num_rows, world_size))
+    batches = [[(row, True) for row in mine[i:i + batch_size]] for i in range(0, len(mine), batch_size)]
+    most = math.ceil(math.ceil(num_rows / world_size) / batch_size)
+    return batches + [[(0, False)] for _ in range(most - len(batches))]
+
+
+class _DeferredIterator:
+    """An iterator that creates the ``DataLoader``'s real iterator at the first ``next()``, not at ``iter()``."""
+
+    def __init__(self, make: Callable[[], Iterator[Any]]) -> None:
+        self._make: Optional[Callable[[], Iterator[Any]]] = make
+        self._iterator: Optional[Iterator[Any]] = None
+
+    def __iter__(self) -> "_DeferredIterator":
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            assert self._make is not None
+            self._iterator, self._make = self._make(), None
+        return next(self._iterator)
+
+
 class _StepLoader(DataLoader):
     """The training ``DataLoader``. Its position is a function of ``trainer.global_step`` (the sampler skips the
     steps already taken, see :mod:`lit_sft.data.sampler`), so it resumes mid-epoch with no state of its own; the
     ``state_dict``/``load_state_dict`` pair tells Lightning so (Lightning otherwise warns on a mid-epoch resume that
-    the loader is not resumable, comparing optimizer steps with its count of micro-batches)."""
+    the loader is not resumable, comparing optimizer steps with its count of micro-batches).
+
+    ``iter()`` defers the real iterator to the first ``next()``. Lightning (2.6, ``FitLoop.setup_data``) calls
+    ``iter()`` on the loader before ``set_epoch`` when a run resumes, and does not call it again for the resumed
+    epoch; a ``DataLoader`` with ``num_workers > 0`` pulls ``prefetch_factor x num_workers`` batches from its batch
+    sampler as soon as its iterator exists, so the sampler would plan epoch 0 and, at a ``global_step`` past epoch 0,
+    yield nothing (a resumed run in a later epoch trained 0 micro-batches). The first ``next()`` comes after
+    ``set_epoch`` on every path: a fresh epoch, a resume mid-epoch, a resume at an epoch end.
+    """
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        return _DeferredIterator(super().__iter__)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -348,17 +402,43 @@ class SFTDataModule(L.LightningDataModule):
         return PaddingCollator(self.tokenizer.pad_token_id, self.hparams.pad_to_multiple_of, self.source_names)
 
     def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
+        """This rank's micro-batches (:class:`_StepLoader` over :meth:`batch_sampler`).
+
+        Lightning reads ``len(loader)`` (micro-batches per epoch) when it builds the loader and ends an epoch after
+        that many; the sampler is therefore set, already here, to the epoch the run is in by its optimizer step
+        (``global_step // steps_per_epoch``: the right one on a fresh run, on a resume mid-epoch and on a resume at an
+        epoch end). With a token budget the number of micro-batches differs from epoch to epoch, so the loader is then
+        rebuilt every epoch (``trainer.reload_dataloaders_every_n_epochs = 1``); with a fixed length, an epoch with
+        more micro-batches than the first would be cut in the middle of an optimizer step.
+        """
+        hp, trainer = self.hparams, self.trainer
+        sampler = self.batch_sampler()
         groups = self.train_packed["rows"] if self.train_packed is not None else None
-        return _StepLoader(_PlannedRows(self.train_rows, groups), batch_sampler=self.batch_sampler(),
+        if trainer is not None:
+            sampler.set_epoch(trainer.global_step // sampler.steps_per_epoch)
+            if hp.max_tokens_per_micro_batch is not None and not trainer.reload_dataloaders_every_n_epochs:
+                trainer.reload_dataloaders_every_n_epochs = 1
+        return _StepLoader(_PlannedRows(self.train_rows, groups), batch_sampler=sampler,
                            collate_fn=self.collator(), num_workers=hp.num_workers,
                            persistent_workers=False, pin_memory=False)
 
     def val_dataloader(self) -> Any:
-        if not self.hparams.do_eval:
+        """This rank's share of the evaluation rows (rows ``rank, rank + world_size, ...``), in batches of
+        ``per_device_eval_batch_size``. Every rank runs the same number of batches (ZeRO-3 gathers parameters
+        collectively in each forward): a rank with fewer rows gets filler batches (one row, every label masked,
+        adding nothing to ``val/loss``). The loader draws its worker seed from its own generator, so evaluation
+        leaves the global RNG, and with it training, untouched. With ``do_eval: false``, ``[]`` (never requested
+        during ``fit``: :class:`lit_sft.evaluation.SFTEvaluation` turns validation off first).
+        """
+        hp = self.hparams
+        if not hp.do_eval:
             return []
-        return DataLoader(_PlannedRows(self.eval_rows), batch_size=self.hparams.per_device_eval_batch_size,
-                          collate_fn=self.collator(), num_workers=self.hparams.num_workers)
+        trainer = self.trainer
+        rank = trainer.global_rank if trainer is not None else 0
+        return DataLoader(_EvalRows(self.eval_rows),
+                          batch_sampler=eval_batches(len(self.eval_rows), hp.per_device_eval_batch_size,
+                                                     self.world_size, rank),
+                          collate_fn=self.collator(), num_workers=hp.num_workers, generator=torch.Generator())
 
     def state_dict(self) -> dict[str, Any]:
         """The data position is restored from the trainer's ``global_step`` (the plan is a function of the seed and

@@ -277,7 +277,18 @@ class StepBatchSampler(Sampler[list[MicroBatchItem]]):
         return self._planned[1]
 
     def __iter__(self) -> Iterator[list[MicroBatchItem]]:
-        skip = max(0, self.steps_done() - self.epoch * self.steps_per_epoch)
+        """This rank's micro-batches of epoch ``self.epoch``, after the steps of it already taken.
+
+        Raises:
+            RuntimeError: ``steps_done()`` lies past the end of this epoch: the sampler was asked for an epoch the
+                run has already finished (it would yield nothing, and the run would silently train nothing).
+        """
+        done = self.steps_done()
+        skip = max(0, done - self.epoch * self.steps_per_epoch)
+        if skip > self.steps_per_epoch:
+            raise RuntimeError(
+                f"StepBatchSampler: asked for epoch {self.epoch} at optimizer step {done}, which lies past its end "
+                f"({self.steps_per_epoch} steps per epoch); set_epoch() must be called before the loader is iterated")
         for s, step in enumerate(self._plan()):
             if s < skip:
                 continue
