@@ -332,13 +332,13 @@ def test_token_budget_epochs_are_whole_and_resume_exactly(tmp_path):
         return record, digests, trainer
 
     full, full_digests, trainer = fit(str(tmp_path / "full"))
-    counts = [sum(len(step) for step in plan_epoch(data.train_rows["num_loss_tokens"], 2, 2, 1, 0, e, True,
+    counts = [sum(len(step.micro_batches[0]) for step in plan_epoch(data.train_rows["num_loss_tokens"], 2, 2, 1, 0, e, True,
                                                    data.train_rows["length"], 100)) for e in range(3)]
     assert counts[1] > counts[0], counts  # the case that was cut
     assert trainer.global_step == 9
     for (step, got, _), e_s in zip(full.steps, [(e, s) for e in range(3) for s in range(3)]):
         plan = plan_epoch(data.train_rows["num_loss_tokens"], 2, 2, 1, 0, e_s[0], True, data.train_rows["length"], 100)
-        assert got == sorted(r for mb in plan[e_s[1]] for r, sup in mb if sup), step
+        assert got == sorted(plan[e_s[1]].rows), step
 
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), filename="step-{step:06d}",
                                  auto_insert_metric_name=False, every_n_train_steps=4, save_top_k=-1)
