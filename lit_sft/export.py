@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lit_sft.guard import NonFiniteError, nonfinite_tensors
+
 log = logging.getLogger(__name__)
 
 
@@ -108,10 +110,38 @@ def save_hf_folder(output_dir: str, model: Any, state_dict: dict[str, torch.Tens
         generation_config.eos_token_id = generation_eos_ids(model.config, tokenizer, generation_config.eos_token_id)
         generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+    follow_umask(output_dir)
     tokenizer.save_pretrained(output_dir)
     with open(os.path.join(output_dir, "README.md"), "w") as f:
         f.write(card)
     model.config.use_cache = False
+
+
+def current_umask() -> int:
+    """The process umask, read from ``/proc/self/status`` where possible (``os.umask`` must set it to read it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: str) -> None:
+    """Give the ``*.safetensors`` files of ``folder`` the mode of any new file (``0666 & ~umask``, 0644 usually).
+
+    safetensors (0.4+, Rust) writes each file through a ``tempfile::NamedTempFile`` in the same folder, created 0600,
+    and renames it, so ``model.safetensors`` would stay readable by its owner only while every other file of the
+    folder follows the umask (other users of a shared cluster folder could not load the model).
+    """
+    mode = 0o666 & ~current_umask()
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            os.chmod(os.path.join(folder, name), mode)
 
 
 def push_folder(output_dir: str, hub_model_id: str, private: Optional[bool] = None, blocking: bool = True) -> Any:
@@ -163,6 +193,10 @@ class HFExport(L.Callback):
     def export(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         """Gather and write the folder (collective: every rank must call it)."""
         state_dict = gather_state_dict(trainer, module)
+        bad = trainer.strategy.broadcast(nonfinite_tensors(state_dict.items()) if trainer.is_global_zero else None)
+        if bad:
+            raise NonFiniteError(f"refusing to export to {self.output_dir}: weights are not finite ({', '.join(bad)}) "
+                                 f"at optimizer step {trainer.global_step}; the last checkpoint is kept")
         if trainer.is_global_zero:
             metrics = dict(getattr(module, "last_step_metrics", {}) or {})
             metrics["global_step"] = trainer.global_step
