@@ -104,9 +104,11 @@ class SFTCheckpoint(ModelCheckpoint):
                 if changed:
                     rank_zero_info(f"Resumed optimizer uses the given hyper-parameters, not the checkpoint's: {changed}")
         if trainer.is_global_zero and self.dirpath:
-            removed = clean_orphans(str(self.dirpath))
+            removed, recovered = clean_orphans(str(self.dirpath))
             if removed:
                 rank_zero_info(f"Removed leftovers of interrupted checkpoint saves in {self.dirpath}: {removed}")
+            if recovered:
+                rank_zero_info(f"Completed the interrupted save of {recovered} (all ranks had written it)")
             if os.path.exists(self.finished_path):  # training again (e.g. a raised max_steps): no longer finished
                 os.remove(self.finished_path)
             self._rotate(trainer)
@@ -134,8 +136,8 @@ class SFTCheckpoint(ModelCheckpoint):
     def write_finished(self, trainer: L.Trainer) -> None:
         """Record (global rank 0) that the run finished at the checkpoint of this step and was exported."""
         path = self.format_checkpoint_name(self._monitor_candidates(trainer))
+        self.finished = {"checkpoint": os.path.basename(path), "global_step": trainer.global_step}
         if trainer.is_global_zero and os.path.exists(path):
-            self.finished = {"checkpoint": os.path.basename(path), "global_step": trainer.global_step}
             write_json_atomic(self.finished_path, self.finished)
         trainer.strategy.barrier("lit_sft_finished")
 

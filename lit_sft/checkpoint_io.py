@@ -229,7 +229,8 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     """The Lightning checkpoint dictionary of a file or DeepSpeed folder (tensors memory-mapped, not read).
 
     For a folder it is the client state DeepSpeed saved with rank 0's module states (``<tag>/mp_rank_00_model_
-    states.pt``): hyper-parameters, loops, callbacks, ``global_step``.
+    states.pt``, under ZeRO-3 ``<tag>/zero_pp_rank_0_mp_rank_00_model_states.pt``): hyper-parameters, loops,
+    callbacks, ``global_step``.
     """
     if os.path.isdir(path):
         tag = "checkpoint"
@@ -237,7 +238,12 @@ def read_checkpoint(path: str) -> dict[str, Any]:
         if os.path.isfile(latest):
             with open(latest) as f:
                 tag = f.read().strip()
-        path = os.path.join(path, tag, "mp_rank_00_model_states.pt")
+        for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+            if os.path.isfile(os.path.join(path, tag, name)):
+                path = os.path.join(path, tag, name)
+                break
+        else:
+            raise FileNotFoundError(f"{path}: no DeepSpeed model states of rank 0 under {tag}/")
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
 
 
@@ -268,29 +274,32 @@ def newest_loadable(folder: str) -> tuple[Optional[str], list[tuple[str, str]]]:
     return None, skipped
 
 
-def clean_orphans(folder: str) -> list[str]:
+def clean_orphans(folder: str) -> tuple[list[str], list[str]]:
     """Delete the hidden temporary entries of interrupted saves and deletions in ``folder`` (call it only when no
     save is running, e.g. at the start of training on global rank 0). A DeepSpeed ``.partial`` folder whose marker
     shows it complete (killed between the marker and the rename) is renamed to its final name instead, if that
-    name is free. Returns the names removed or renamed."""
-    handled = []
+    name is free. Returns ``(names removed, final names recovered)``."""
+    removed: list[str] = []
+    recovered: list[str] = []
     if not os.path.isdir(folder):
-        return handled
+        return removed, recovered
     for name in sorted(os.listdir(folder)):
         if not _ORPHAN_RE.match(name):
             continue
         path = os.path.join(folder, name)
-        final = os.path.join(folder, name[1:-len(".partial")]) if name.endswith(".partial") else None
-        if final and not os.path.lexists(final) and checkpoint_problem(path) is None:
-            os.replace(path, final)
-        elif os.path.isdir(path) and not os.path.islink(path):
+        final = name[1:-len(".partial")] if name.endswith(".partial") else None
+        if final and not os.path.lexists(os.path.join(folder, final)) and checkpoint_problem(path) is None:
+            os.replace(path, os.path.join(folder, final))
+            recovered.append(final)
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
         else:
             try:
                 os.remove(path)
             except OSError:
                 continue
-        handled.append(name)
-    if handled:
+        removed.append(name)
+    if removed or recovered:
         fsync_dir(folder)
-    return handled
+    return removed, recovered

@@ -50,6 +50,6 @@ def nonfinite_step_message(step: int, loss: float, grad_norm: Optional[float], c
     what = f"training loss {loss:.4g}" + ("" if grad_norm is None else f", gradient norm {grad_norm:.4g}")
     state = ("the weights were not updated by this step" if not updated
              else "the optimizer applied this step, the weights in memory may be corrupt")
-    return (f"optimizer step {step}: non-finite {what}; {state} ({count} non-finite step(s) so far, "
+    return (f"optimizer step {step}: NaN/inf in {what}; {state} ({count} non-finite step(s) so far, "
             f"model.max_nonfinite_steps={tolerated}). The last checkpoint holds the last finite state. Lower "
             "model.learning_rate, check the data, or set model.max_nonfinite_steps to skip such steps.")
