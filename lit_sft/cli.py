@@ -64,12 +64,16 @@ def run_args(
         overwrite_output_dir: allow a fresh run (nothing to resume) to write a model into an ``output_dir`` that
             already holds one; without it such a run stops before training. A run that resumes always writes. Never
             deletes checkpoints.
-        resume_from_checkpoint: ``auto`` resumes from the newest checkpoint in ``output_dir`` if any (as open-r1's
-            ``sft.py``); a path resumes from that checkpoint; ``null`` starts fresh.
-        save_strategy: checkpoint every ``save_steps`` optimizer steps (``steps``), every epoch, or never.
+        resume_from_checkpoint: ``auto`` resumes from the newest complete and loadable checkpoint in
+            ``output_dir`` if any (as open-r1's ``sft.py``; newer unusable ones are skipped with a warning); a path
+            resumes from that checkpoint (an error if it is not usable); ``null`` starts fresh. The config as given
+            wins over the checkpoint's saved hyper-parameters. A finished run (``checkpoints/finished.json``) is
+            not trained again.
+        save_strategy: checkpoint every ``save_steps`` optimizer steps (``steps``), every epoch, or never. With
+            ``steps`` or ``epoch`` the last optimizer step is always checkpointed too.
         save_steps: optimizer steps between checkpoints (recipe: 100).
-        save_total_limit: checkpoints kept, newest first (recipe: 1); an old one is deleted only after the new one
-            is written. ``null`` keeps all.
+        save_total_limit: checkpoints kept, newest first (recipe: 1), counted from the folder (so also after a
+            kill); an old one is deleted only after the new one is complete. ``null`` keeps all.
         push_to_hub, hub_model_id, hub_strategy, hub_private_repo: upload the exported model with huggingface_hub
             (``every_save``: at every checkpoint and at the end; ``end``: once). A failed upload only warns.
         report_to: loggers (recipe: ``wandb``; ``WANDB_MODE=offline`` works without network), ``csv``,

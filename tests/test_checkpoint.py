@@ -322,6 +322,26 @@ def test_injected_nan_gradient_stops_or_is_skipped(assets, tmp_path):
     assert f"{logged[4]['train/loss']:.4f}" in card_loss, card_loss
 
 
+@pytest.mark.slow
+def test_deepspeed_zero3_skips_nan_steps_and_the_guard_stops(assets, tmp_path):
+    """ZeRO-3, 2 processes: NaN losses at steps 2 and 4 with ``max_nonfinite_steps 1``. DeepSpeed itself skips a step
+    whose gradient norm is not finite (its ``skipped_steps``; the engine reports the norm as inf): step 2 leaves the
+    weights unchanged and is tolerated, step 4 stops the run naming it; checkpoints 1-3 stay, nothing is exported."""
+    from sft_harness import run_script
+
+    run_script("tests/scripts/nan_deepspeed.py", "--model-dir", assets["model"], "--data", assets["data"],
+               "--out", str(tmp_path), "--nan-steps", "2", "4", "--tolerate", "1")
+    report = json.loads((tmp_path / "report.json").read_text())
+    print(f"\nZeRO-3 x2, NaN at steps 2 and 4: {report}")
+    assert report["error"].startswith("optimizer step 4: NaN/inf in training loss nan, gradient norm inf; the "
+                                      "weights were not updated"), report["error"]
+    assert report["skipped_steps"] == 2 and report["global_step"] == 4  # step 4 counted, not applied
+    assert report["changed"] == {"1": True, "2": False, "3": True}
+    assert math.isinf(report["grad_norm"]["2"]) and math.isfinite(report["grad_norm"]["3"])
+    assert report["checkpoints"] == ["step-000001.ckpt", "step-000002.ckpt", "step-000003.ckpt"]
+    assert not report["exported"]
+
+
 def test_nonfinite_weights_are_never_exported_nor_checkpointed(assets, tmp_path):
     from lit_sft.guard import NonFiniteError
 
