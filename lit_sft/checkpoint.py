@@ -166,7 +166,7 @@ class SFTCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         check_weights(trainer, trainer.lightning_module, f"checkpoint {os.path.basename(filepath)}")
-        if isinstance(trainer.strategy, DeepSpeedStrategy) and not trainer.strategy.load_full_weights:
+        if isinstance(trainer.strategy, DeepSpeedStrategy):  # a folder, written by every rank
             save_folder_checkpoint(trainer, filepath, self.save_weights_only)
         else:
             trainer.save_checkpoint(filepath, self.save_weights_only)

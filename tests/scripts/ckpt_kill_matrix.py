@@ -64,38 +64,49 @@ def s(step: int) -> str:
 # faults), must end as expected (SIGKILL, or exit code 1 for ENOSPC), and the next phase resumes from what it left.
 # A fault fires at the first call on a path matching its regex (full paths).
 TMP = r"\.tmp-\d+$"
+
+
+def writing(step: int, when: str) -> list:
+    """Kill (``half``) or fail with ENOSPC (``enospc``) halfway through writing checkpoint ``step``: lit_sft's
+    temporary file in the checkpoint folder, or the copy of Lightning's fsspec transaction from TMPDIR (whichever
+    the code under test does)."""
+    return [[dict(fn="torch.save", re=rf"/\.{s(step)}{TMP}", when=when),
+             dict(fn="shutil.move", re=rf"/{s(step)}$", when=when)]]
+
+
 PLAIN = [
-    ("mid-write of the first checkpoint (3)", [dict(fn="torch.save", re=rf"/\.{s(3)}{TMP}", when="half")], "SIGKILL"),
-    ("mid-write of checkpoint 6", [dict(fn="torch.save", re=rf"/\.{s(6)}{TMP}", when="half")], "SIGKILL"),
+    ("mid-write (or mid-copy from TMPDIR) of the first checkpoint (3)", writing(3, "half"), "SIGKILL"),
+    ("mid-write (or mid-copy from TMPDIR) of checkpoint 6", writing(6, "half"), "SIGKILL"),
     ("checkpoint 6 written, before fsync", [dict(fn="os.fsync", re=rf"/\.{s(6)}{TMP}", when="before")], "SIGKILL"),
-    ("mid-copy of checkpoint 6 across file systems (TMPDIR on /dev/shm)",
-     [[dict(fn="torch.save", re=rf"/\.{s(6)}{TMP}", when="half"),
-       dict(fn="shutil.move", re=rf"/{s(6)}$", when="half")]], "SIGKILL"),
-    ("ENOSPC writing checkpoint 6", [[dict(fn="torch.save", re=rf"/\.{s(6)}{TMP}", when="enospc"),
-                                      dict(fn="shutil.move", re=rf"/{s(6)}$", when="enospc")]], 1),
+    ("ENOSPC writing checkpoint 6", writing(6, "enospc"), 1),
     ("checkpoint 6 fsync-ed, before rename", [dict(fn="os.replace", re=rf"/\.{s(6)}{TMP}", when="before")],
      "SIGKILL"),
     ("checkpoint 6 renamed, before the folder fsync", [dict(fn="os.replace", re=rf"/{s(6)}$", when="after")],
      "SIGKILL"),
     ("checkpoint 9 written, before rotation deletes 3", [dict(fn="os.remove", re=rf"/{s(3)}$", when="before")],
      "SIGKILL"),
-    ("ENOSPC writing the final checkpoint (10)",
-     [[dict(fn="torch.save", re=rf"/\.{s(10)}{TMP}", when="enospc"),
-       dict(fn="shutil.move", re=rf"/{s(10)}$", when="enospc")]], 1),
-    ("mid-write of the final checkpoint", [[dict(fn="torch.save", re=rf"/\.{s(10)}{TMP}", when="half"),
-                                            dict(fn="shutil.move", re=rf"/{s(10)}$", when="half")]], "SIGKILL"),
+    ("ENOSPC writing the final checkpoint (10)", writing(10, "enospc"), 1),
+    ("mid-write (or mid-copy from TMPDIR) of the final checkpoint", writing(10, "half"), "SIGKILL"),
     ("during the Hugging Face export", [dict(fn="safe_save_file", re=r"/model\.safetensors$", when="before")],
      "SIGKILL"),
     ("exported, before the finished record", [dict(fn="os.replace", re=r"/finished\.json$", when="before")],
      "SIGKILL"),
 ]
 PART = rf"/\.{s(6)}\.partial"
+
+
+def in_folder(step: int) -> str:
+    """A file being written into checkpoint folder ``step``: lit_sft's hidden ``.partial`` folder, or the final folder
+    itself (where DeepSpeed writes without lit_sft's callback)."""
+    return rf"/(\.{s(step)}\.partial|{s(step)})/"
+
+
 DEEPSPEED = [
-    ("rank 1 mid-write of its shard of checkpoint 3", [None, dict(fn="torch.save", re=rf"/\.{s(3)}\.partial/",
-                                                                  when="half")], "SIGKILL"),
+    ("rank 1 mid-write of its shard of checkpoint 3", [None, dict(fn="torch.save", re=in_folder(3), when="half")],
+     "SIGKILL"),
     ("rank 0 mid-write of checkpoint 6's model states",
-     [dict(fn="torch.save", re=PART + "/.*mp_rank_00_model_states", when="half")], "SIGKILL"),
-    ("ENOSPC on rank 1 writing checkpoint 6", [None, dict(fn="torch.save", re=PART + "/", when="enospc")], 1),
+     [dict(fn="torch.save", re=in_folder(6) + ".*mp_rank_00_model_states", when="half")], "SIGKILL"),
+    ("ENOSPC on rank 1 writing checkpoint 6", [None, dict(fn="torch.save", re=in_folder(6), when="enospc")], 1),
     ("all shards of 6 written, before the completion marker",
      [dict(fn="os.replace", re=PART + r"/lit_sft_complete\.json$", when="before")], "SIGKILL"),
     ("marker written, before the rename to step-000006.ckpt",
@@ -103,7 +114,7 @@ DEEPSPEED = [
     ("checkpoint 9 complete, before rotation deletes 3", [dict(fn="os.replace", re=rf"/{s(3)}$", when="before")],
      "SIGKILL"),
     ("rank 1 mid-write of the final checkpoint (10)",
-     [None, dict(fn="torch.save", re=rf"/\.{s(10)}\.partial/", when="half")], "SIGKILL"),
+     [None, dict(fn="torch.save", re=in_folder(10), when="half")], "SIGKILL"),
     ("final checkpoint complete, mid-deletion of checkpoint 6 by rotation",
      [dict(fn="shutil.rmtree", re=rf"/\.{s(6)}\.trash-\d+$", when="half")], "SIGKILL"),
     ("during the Hugging Face export", [dict(fn="safe_save_file", re=r"/model\.safetensors$", when="before")],
