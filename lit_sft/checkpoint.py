@@ -102,7 +102,8 @@ class SFTCheckpoint(ModelCheckpoint):
             if hasattr(module.hparams, "adam_beta1"):
                 changed = apply_optimizer_hparams(module)
                 if changed:
-                    rank_zero_info(f"Resumed optimizer uses the given hyper-parameters, not the checkpoint's: {changed}")
+                    rank_zero_info("Resumed optimizer uses the given hyper-parameters, not the checkpoint's: "
+                                   f"{changed}")
         if trainer.is_global_zero and self.dirpath:
             removed, recovered = clean_orphans(str(self.dirpath))
             if removed:

@@ -243,7 +243,8 @@ class SFTCLI(LightningCLI):
         trainer = self.trainer
         trainer.fit(model, datamodule=datamodule, **kwargs)
         checkpoint = trainer.checkpoint_callback
-        if getattr(self, "_export_pending", False) and isinstance(checkpoint, SFTCheckpoint) and not checkpoint.finished:
+        pending = getattr(self, "_export_pending", False)
+        if pending and isinstance(checkpoint, SFTCheckpoint) and not checkpoint.finished:
             for callback in trainer.callbacks:
                 if isinstance(callback, HFExport):
                     callback.on_train_end(trainer, model)

@@ -139,6 +139,7 @@ def test_rotation_repairs_a_kill_between_save_and_delete(assets, tmp_path):
 
 
 # -- the end of a run --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_finished_run_rerun_changes_nothing_and_raised_limits_continue(assets, tmp_path, monkeypatch, lightning_log):
     """10 rows, batch 2, save_steps 2: the final step 5 is checkpointed; rerunning says finished and touches no file
     (no training, no export, no push); with ``max_epochs`` raised it trains steps 6..10."""
@@ -210,6 +211,7 @@ def test_zero_steps_or_epochs_is_an_error(assets, tmp_path, key):
 
 
 # -- what the user types wins over the checkpoint ----------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["ckpt_path", "resume_from_checkpoint", "auto"])
 def test_command_line_wins_over_checkpoint_hyper_parameters(assets, tmp_path, how, recwarn):
     """Train 2 steps (save_steps 1), then resume for a 3rd with other ``max_grad_norm``, ``gradient_checkpointing``,
@@ -245,7 +247,7 @@ def test_command_line_wins_over_checkpoint_hyper_parameters(assets, tmp_path, ho
         assert key in messages, messages
 
 
-# -- non-finite guard ----------------------------------------------------------------------------------------------------
+# -- non-finite guard --------------------------------------------------------------------------------------------------
 def test_divergent_learning_rate_stops_with_the_step_and_exports_nothing(assets, tmp_path):
     """``learning_rate 1e30``: the loss turns NaN within a few steps; the run stops with an error naming that step,
     every checkpoint left holds finite weights, no model is exported."""
@@ -290,6 +292,7 @@ class InjectNaN(L.Callback):
             self.after[step] = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_injected_nan_gradient_stops_or_is_skipped(assets, tmp_path):
     """A NaN gradient at step 3: by default the run stops naming step 3 and keeps checkpoint 2; with
     ``max_nonfinite_steps 2`` and NaNs at steps 3 and 5 (the last) both are skipped (the weights after each equal

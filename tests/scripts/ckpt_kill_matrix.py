@@ -6,9 +6,9 @@ a patched ``torch.save``, ``os.fsync``, ``os.replace``, ``os.remove``, ``shutil.
 transformers' ``safe_save_file`` that, at the first call whose path matches a regex, sends itself SIGKILL (before
 the call, after it, or after writing half of the bytes: a kill mid-write or mid-copy) or raises ``OSError(ENOSPC)``
 after writing half (a full disk). Patching the library functions, not lit_sft's, keeps the kill points where the
-real writes happen (``shutil.move`` is where Lightning's own fsspec transaction copies a ``TMPDIR`` file). DeepSpeed runs fork one child per rank with the torchrun-style environment (``RANK``,
-``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``PORT``); when one rank dies the parent kills the others, as a
-launcher does.
+real writes happen (``shutil.move`` is where Lightning's own fsspec transaction copies a ``TMPDIR`` file). DeepSpeed
+runs fork one child per rank with the torchrun-style environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR``/``PORT``); when one rank dies the parent kills the others, as a launcher does.
 
 One chain per format in one ``output_dir``, as a job preempted again and again: every phase runs the same command
 with one kill point (and must end as expected), the next phase resumes from whatever it left; then the command runs
