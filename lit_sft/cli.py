@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -18,12 +19,14 @@ from typing import Any, Literal, Optional
 import lightning
 from jsonargparse import ActionConfigFile
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_sft.data.datamodule import SFTDataModule
 from lit_sft.checkpoint import SFTCheckpoint
 from lit_sft.console import quiet_resumed_checkpoint_dir
 from lit_sft.evaluation import SFTEvaluation
+from lit_sft.checkpoint import FINISHED, SFTCheckpoint, training_done
+from lit_sft.checkpoint_io import checkpoint_problem, newest_loadable, read_checkpoint
 from lit_sft.export import HFExport
 from lit_sft.loggers import build_loggers
 from lit_sft.module import SFTModule
@@ -33,18 +36,15 @@ _STEP_RE = re.compile(r"step-(\d+)\.ckpt$")
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """Newest complete checkpoint in ``output_dir/checkpoints`` (``step-NNNNNN.ckpt``, a file or, under DeepSpeed,
-    a folder that DeepSpeed finished writing, i.e. holds its ``latest`` file); ``None`` if there is none."""
-    folder = os.path.join(output_dir, CHECKPOINT_DIR)
-    if not os.path.isdir(folder):
-        return None
-    found = sorted(((int(m.group(1)), name) for name in os.listdir(folder) if (m := _STEP_RE.search(name))),
-                   reverse=True)
-    for _, name in found:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path) or os.path.isfile(os.path.join(path, "latest")):
-            return path
-    return None
+    """Newest complete and loadable checkpoint in ``output_dir/checkpoints`` (``step-NNNNNN.ckpt``: a file that
+    opens as a ``torch.save`` archive, or a DeepSpeed folder with lit_sft's completion marker, see
+    ``lit_sft.checkpoint_io``); ``None`` if there is none. Newer ones that are not usable are skipped with a warning
+    that names each and why."""
+    path, skipped = newest_loadable(os.path.join(output_dir, CHECKPOINT_DIR))
+    for bad, reason in skipped:
+        rank_zero_warn(f"Skipping checkpoint {bad}: {reason}"
+                       f"{f'; resuming from {os.path.basename(path)} instead' if path else ''}")
+    return path
 
 
 def run_args(
@@ -75,12 +75,16 @@ def run_args(
         overwrite_output_dir: allow a fresh run (nothing to resume) to write a model into an ``output_dir`` that
             already holds one; without it such a run stops before training. A run that resumes always writes. Never
             deletes checkpoints.
-        resume_from_checkpoint: ``auto`` resumes from the newest checkpoint in ``output_dir`` if any (as open-r1's
-            ``sft.py``); a path resumes from that checkpoint; ``null`` starts fresh.
-        save_strategy: checkpoint every ``save_steps`` optimizer steps (``steps``), every epoch, or never.
+        resume_from_checkpoint: ``auto`` resumes from the newest complete and loadable checkpoint in
+            ``output_dir`` if any (as open-r1's ``sft.py``; newer unusable ones are skipped with a warning); a path
+            resumes from that checkpoint (an error if it is not usable); ``null`` starts fresh. The config as given
+            wins over the checkpoint's saved hyper-parameters. A finished run (``checkpoints/finished.json``) is
+            not trained again.
+        save_strategy: checkpoint every ``save_steps`` optimizer steps (``steps``), every epoch, or never. With
+            ``steps`` or ``epoch`` the last optimizer step is always checkpointed too.
         save_steps: optimizer steps between checkpoints (recipe: 100).
-        save_total_limit: checkpoints kept, newest first (recipe: 1); an old one is deleted only after the new one
-            is written. ``null`` keeps all.
+        save_total_limit: checkpoints kept, newest first (recipe: 1), counted from the folder (so also after a
+            kill); an old one is deleted only after the new one is complete. ``null`` keeps all.
         eval_strategy: evaluate on ``data.dataset_test_split`` every ``eval_steps`` optimizer steps (``steps``), at
             the end of each epoch (``epoch``), or never (``no``); ``null``: ``epoch`` with ``data.do_eval: true``,
             else ``no``. ``steps``/``epoch`` turn ``data.do_eval`` on (as transformers does). Evaluation runs only
@@ -180,10 +184,8 @@ class SFTCLI(LightningCLI):
         if args["save_strategy"] != "no":
             steps = args["save_strategy"] == "steps"
             every = {"every_n_train_steps": args["save_steps"]} if steps else {"every_n_epochs": 1}
-            limit = args["save_total_limit"]
-            callbacks.append(SFTCheckpoint(
-                dirpath=os.path.join(out, CHECKPOINT_DIR), filename="step-{step:06d}", auto_insert_metric_name=False,
-                monitor="step", mode="max", save_top_k=-1 if limit is None else limit, **every))
+            callbacks.append(SFTCheckpoint(os.path.join(out, CHECKPOINT_DIR), save_total_limit=args["save_total_limit"],
+                                           **every))
         else:
             kwargs["enable_checkpointing"] = False
         callbacks.append(SFTEvaluation(args["eval_strategy"], args["eval_steps"]))
@@ -201,18 +203,56 @@ class SFTCLI(LightningCLI):
             kwargs["logger"] = loggers or False
         return super().instantiate_trainer(**kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI would put the hyper-parameters saved in ``ckpt_path`` over the parsed config (so
+        ``--model.max_grad_norm 0.25 --ckpt_path X`` trained with X's 1.0). Here the config as given wins, for
+        ``ckpt_path``, ``run.resume_from_checkpoint`` and auto-resume alike; :meth:`before_fit` lists the keys that
+        differ from the checkpoint's."""
+
     def resume_checkpoint(self) -> Optional[str]:
         """The checkpoint this ``fit`` resumes from: ``ckpt_path`` if given, else per ``run.resume_from_checkpoint``
-        (``auto``: the newest complete one in ``output_dir/checkpoints``)."""
+        (``auto``: the newest complete and loadable one in ``output_dir/checkpoints``).
+
+        Raises:
+            ValueError: a checkpoint named by ``ckpt_path`` or ``run.resume_from_checkpoint`` is incomplete or cannot
+                be loaded (the message says why and names the newest usable one).
+        """
         if self.subcommand != "fit":
             return None
+        if "_resume" in self.__dict__:
+            return self._resume
         args = self._run()
         given = self.config[self.subcommand].get("ckpt_path")
-        if given or not args["resume_from_checkpoint"]:
-            return given
-        if args["resume_from_checkpoint"] == "auto":
-            return latest_checkpoint(args["output_dir"])
-        return args["resume_from_checkpoint"]
+        key, path = ("ckpt_path", given) if given else ("run.resume_from_checkpoint", args["resume_from_checkpoint"])
+        if not path:
+            path = None
+        elif path == "auto" and key == "run.resume_from_checkpoint":
+            path = latest_checkpoint(args["output_dir"])
+        elif path not in ("last", "best", "hpc") and "://" not in str(path) and not str(path).startswith("registry"):
+            problem = checkpoint_problem(str(path))
+            if problem is not None:
+                usable = latest_checkpoint(args["output_dir"])
+                raise ValueError(f"{key}={path!r} cannot be resumed from: {problem}. "
+                                 + (f"The newest usable checkpoint in run.output_dir is {usable}."
+                                    if usable else "run.output_dir holds no usable checkpoint."))
+        self._resume = path
+        return path
+
+    def _report_changed_hparams(self, checkpoint: dict[str, Any], path: str) -> None:
+        """Warn about every ``model.*``/``data.*`` value that differs from the one saved in the checkpoint (the
+        value given now is used; the optimizer takes it too, see ``lit_sft.checkpoint.apply_optimizer_hparams``)."""
+        changed = []
+        for section, saved, now in (("model", checkpoint.get("hyper_parameters"), self.model.hparams),
+                                    ("data", checkpoint.get("datamodule_hyper_parameters"),
+                                     getattr(self.datamodule, "hparams", None))):
+            for name, value in dict(saved or {}).items():
+                if name.startswith("_") or name not in (now or {}):
+                    continue
+                if now[name] != value:
+                    changed.append(f"{section}.{name}={now[name]!r} (checkpoint: {value!r})")
+        if changed:
+            rank_zero_warn(f"Resuming from {path} with settings that differ from the checkpoint's; the values given "
+                           f"now are used: {', '.join(changed)}")
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -230,15 +270,62 @@ class SFTCLI(LightningCLI):
             raise ValueError("trainer.gradient_clip_val is not used by lit_sft: set model.max_grad_norm")
         if args["save_strategy"] == "steps" and args["save_steps"] < 1:
             raise ValueError(f"run.save_steps={args['save_steps']} must be >= 1 with run.save_strategy: steps")
-        if fit.get("ckpt_path") is None:
-            ckpt = self.resume_checkpoint()
-            if ckpt:
+        for key, value in (("max_steps", trainer.max_steps), ("max_epochs", trainer.max_epochs)):
+            if value == 0:
+                raise ValueError(f"trainer.{key}=0 would train nothing and write no model: set a positive "
+                                 f"trainer.{key} (or -1 for no limit)")
+        self._finished = self._export_pending = False
+        ckpt = self.resume_checkpoint()
+        if ckpt:
+            if fit.get("ckpt_path") is None:
                 rank_zero_info(f"Checkpoint detected, resuming training at {ckpt}")
                 fit["ckpt_path"] = ckpt
+            if os.path.exists(ckpt):
+                self._check_finished(read_checkpoint(ckpt), ckpt)
         if (fit.get("ckpt_path") is None and os.path.isfile(os.path.join(out, "model.safetensors"))
                 and not args["overwrite_output_dir"]):
             raise FileExistsError(f"run.output_dir={out!r} already holds a trained model and no checkpoint to resume "
                                   "from; set run.overwrite_output_dir: true or choose another output_dir")
+
+    def _check_finished(self, checkpoint: dict[str, Any], path: str) -> None:
+        """Decide what a run resumed from ``checkpoint`` has left to do: nothing (``finished.json`` names it and the
+        limits are reached: :meth:`fit` does not train), only the export (the limits are reached but the export or
+        push did not complete), or training."""
+        self._report_changed_hparams(checkpoint, path)
+        progress = checkpoint.get("lit_sft") or {"global_step": checkpoint.get("global_step", 0)}
+        if not training_done(progress, self.trainer.max_steps, self.trainer.max_epochs):
+            return
+        record = os.path.join(os.path.dirname(os.path.abspath(path)), FINISHED)
+        finished = {}
+        if os.path.isfile(record):
+            with open(record) as f:
+                finished = json.load(f)
+        step = progress["global_step"]
+        if finished.get("checkpoint") == os.path.basename(path) and finished.get("global_step") == step:
+            self._finished = True
+            rank_zero_info(f"This run has finished: trained to optimizer step {step} ({path}), exported to "
+                           f"{self._run()['output_dir']}. Nothing to do: raise trainer.max_steps / trainer.max_epochs "
+                           "to train further, or choose another run.output_dir.")
+        else:
+            self._export_pending = True
+            rank_zero_info(f"Training is complete at optimizer step {step} ({path}), but its export did not finish: "
+                           "exporting again from the checkpoint, without training.")
+
+    def fit(self, model: SFTModule, datamodule: Any = None, **kwargs: Any) -> None:
+        """``Trainer.fit``, except for a finished run (nothing to do) and a run whose training is complete but whose
+        export is not (Lightning skips a loop with nothing left to train, and with it the export in
+        ``on_train_end``: it is run here)."""
+        if getattr(self, "_finished", False):
+            return
+        trainer = self.trainer
+        trainer.fit(model, datamodule=datamodule, **kwargs)
+        checkpoint = trainer.checkpoint_callback
+        pending = getattr(self, "_export_pending", False)
+        if pending and isinstance(checkpoint, SFTCheckpoint) and not checkpoint.finished:
+            for callback in trainer.callbacks:
+                if isinstance(callback, HFExport):
+                    callback.on_train_end(trainer, model)
+            checkpoint.write_finished(trainer)
 
 
 def deepspeed_logs_to_stderr() -> None:

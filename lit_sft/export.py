@@ -36,6 +36,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_sft.export_compat import FORMATS, transformers4_config_keys, write_compatible_keys
+from lit_sft.guard import NonFiniteError, nonfinite_tensors
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ def save_hf_folder(output_dir: str, model: Any, state_dict: dict[str, torch.Tens
     model.config.use_cache = True
     prepare_generation_config(model, tokenizer)
     model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+    follow_umask(output_dir)
     tokenizer.save_pretrained(output_dir)
     floating = {v.dtype for v in state_dict.values() if v.is_floating_point()}
     if len(floating) == 1:
@@ -300,6 +302,33 @@ def export_checkpoint(ckpt_path: str, output_dir: str, model_hparams: dict[str, 
     rank_zero_info(f"Hugging Face model written to {output_dir} from {ckpt_path} (optimizer step {step})")
 
 
+def current_umask() -> int:
+    """The process umask, read from ``/proc/self/status`` where possible (``os.umask`` must set it to read it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: str) -> None:
+    """Give the ``*.safetensors`` files of ``folder`` the mode of any new file (``0666 & ~umask``, 0644 usually).
+
+    safetensors (0.4+, Rust) writes each file through a ``tempfile::NamedTempFile`` in the same folder, created 0600,
+    and renames it, so ``model.safetensors`` would stay readable by its owner only while every other file of the
+    folder follows the umask (other users of a shared cluster folder could not load the model).
+    """
+    mode = 0o666 & ~current_umask()
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            os.chmod(os.path.join(folder, name), mode)
+
+
 def push_folder(output_dir: str, hub_model_id: str, private: Optional[bool] = None, blocking: bool = True) -> Any:
     """Upload ``output_dir`` (minus training checkpoints and logs) to the hub repo ``hub_model_id``.
 
@@ -372,6 +401,10 @@ class HFExport(L.Callback):
     def export(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         """Gather and write the folder (collective: every rank must call it)."""
         state_dict = gather_state_dict(trainer, module)
+        bad = trainer.strategy.broadcast(nonfinite_tensors(state_dict.items()) if trainer.is_global_zero else None)
+        if bad:
+            raise NonFiniteError(f"refusing to export to {self.output_dir}: weights are not finite ({', '.join(bad)}) "
+                                 f"at optimizer step {trainer.global_step}; the last checkpoint is kept")
         try:
             if trainer.is_global_zero:
                 metrics = dict(getattr(module, "last_step_metrics", {}) or {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Optional
 
@@ -10,6 +11,7 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lit_sft.guard import NonFiniteError, nonfinite_step_message
 from lit_sft.data.batch import PADDING_FREE_KEYS, SFTBatch, check_training_batch
 from lit_sft.loss import LossSums, backward_scale, chunked_token_loss_sum, token_sources
 from lit_sft.metrics import StepMetrics, device_peak_flops, matmul_params, training_flops
@@ -56,6 +58,11 @@ class SFTModule(L.LightningModule):
         loss_chunk_size: positions per chunk of the chunked cross-entropy (the path without Liger).
         mfu_peak_tflops: one device's peak TFLOP/s for the MFU metric; default: the device's dense bf16 datasheet
             rate (``lit_sft.metrics.PEAK_BF16_TFLOPS``), none on CPU.
+        max_nonfinite_steps: optimizer steps with a non-finite (NaN/inf) loss or gradient norm that are skipped (no
+            weight update; the LR schedule advances) before training stops with ``lit_sft.guard.NonFiniteError``
+            naming the step. Default 0: the first one stops the run (the last checkpoint stays the last finite
+            state). Steps that fp16 loss scaling skips by itself are not counted. Under DeepSpeed, a step the engine
+            applied despite a non-finite gradient norm always stops the run.
     """
 
     def __init__(
@@ -80,6 +87,7 @@ class SFTModule(L.LightningModule):
         max_grad_norm: Optional[float] = 1.0,
         loss_chunk_size: int = 4096,
         mfu_peak_tflops: Optional[float] = None,
+        max_nonfinite_steps: int = 0,
     ) -> None:
         super().__init__()
         if model_name_or_path is None and not (model_config or {}).get("model_type"):
@@ -91,6 +99,8 @@ class SFTModule(L.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.max_grad_norm = max_grad_norm
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self._nonfinite_steps = 0
         self.model: Optional[torch.nn.Module] = None
         self.fused_loss = False
         self.step_metrics = StepMetrics()
@@ -215,20 +225,44 @@ class SFTModule(L.LightningModule):
     def _optimizer_step(self) -> None:
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         lr = optimizer.param_groups[0]["lr"]
-        grad_norm = None
-        if not isinstance(self.trainer.strategy, DeepSpeedStrategy):  # DeepSpeed clips inside its step
+        strategy = self.trainer.strategy
+        engine = getattr(strategy, "deepspeed_engine", None) if isinstance(strategy, DeepSpeedStrategy) else None
+        # fp16 loss scaling skips overflowing steps by itself (GradScaler, DeepSpeed's loss scaler): not ours to count
+        loss_scaled = (getattr(self.trainer.precision_plugin, "scaler", None) is not None
+                       or (engine is not None and engine.fp16_enabled()))
+        grad_norm, updated = None, True
+        if engine is None:  # DeepSpeed clips inside its step
             params = [p for p in self.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or float("inf"))
+            if not loss_scaled and not bool(torch.isfinite(grad_norm)):
+                for p in params:  # AdamW leaves parameters without a gradient untouched: the step is skipped
+                    p.grad = None
+                updated = False
+        skipped_before = engine.skipped_steps if engine is not None else 0
         optimizer.step()
         optimizer.zero_grad()
         scheduler.step()
-        if grad_norm is None:
-            grad_norm = self.trainer.strategy.deepspeed_engine.get_global_grad_norm()
+        if engine is not None:
+            grad_norm = engine.get_global_grad_norm()  # inf when DeepSpeed skipped the step (invalid norm)
+            updated = engine.skipped_steps == skipped_before
         metrics = self.step_metrics.reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
         metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["train/learning_rate"] = lr
         metrics["train/epoch"] = self.global_step / self._steps_per_epoch if self._steps_per_epoch else float("nan")
+        norm = None if grad_norm is None or loss_scaled else float(grad_norm)
+        finite = math.isfinite(metrics["train/loss"]) and (norm is None or math.isfinite(norm))
+        previous = getattr(self, "last_step_metrics", None)
         self.log_step(metrics)
+        if finite:
+            return
+        self._nonfinite_steps += 1
+        message = nonfinite_step_message(self.global_step, metrics["train/loss"], norm, self._nonfinite_steps,
+                                         self.max_nonfinite_steps, updated)
+        if updated or self._nonfinite_steps > self.max_nonfinite_steps:
+            raise NonFiniteError(message)
+        rank_zero_warn(message)
+        if previous is not None:
+            self.last_step_metrics = previous  # the model card reports the last finite step
 
     def log_step(self, metrics: dict[str, float]) -> None:
         """Show the step's metrics in the progress bar and write them to every logger every
@@ -318,7 +352,9 @@ class SFTModule(L.LightningModule):
 
     # -- checkpoint ----------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lit_sft_metrics"] = self.step_metrics.state_dict()
+        checkpoint["lit_sft_metrics"] = {**self.step_metrics.state_dict(), "nonfinite_steps": self._nonfinite_steps}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.step_metrics.load_state_dict(checkpoint.get("lit_sft_metrics", {}))
+        state = dict(checkpoint.get("lit_sft_metrics", {}))
+        self._nonfinite_steps = int(state.pop("nonfinite_steps", 0))
+        self.step_metrics.load_state_dict(state)

@@ -183,7 +183,7 @@ def test_cli_kill_and_auto_resume(reference, tmp_path, monkeypatch):
         assert [int(float(row["step"])) for row in csv.DictReader(f)] == list(range(1, N + 1))
     # save_total_limit=1 also rotates out the checkpoint the run resumed from (Lightning alone would keep it).
     assert latest_checkpoint(str(out)) == str(out / "checkpoints" / f"step-{N:06d}.ckpt")
-    assert os.listdir(out / "checkpoints") == [f"step-{N:06d}.ckpt"]
+    assert sorted(os.listdir(out / "checkpoints")) == ["finished.json", f"step-{N:06d}.ckpt"]
     exported = load_file(str(out / "model.safetensors"))
     assert set(reference["weights"]) - set(exported) <= {"lm_head.weight"}  # tied to the embeddings
     expected = {k: v for k, v in reference["weights"].items() if k in exported}
