@@ -13,7 +13,7 @@ boundary, and ``backward`` neither reduces early nor divides by an accumulation 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Generator, Literal
+from typing import Any, Generator, Literal, Optional
 
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -41,6 +41,10 @@ class SFTDeepSpeedStrategy(DeepSpeedStrategy):
         offload_param_device: OffloadDevice = "none",
         zero3_init_flag: bool = True,
         zero3_save_16bit_model: bool = True,
+        stage3_param_persistence_threshold: Optional[int] = None,
+        stage3_prefetch_bucket_size: Optional[int] = None,
+        stage3_max_live_parameters: Optional[int] = None,
+        stage3_max_reuse_distance: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("logging_batch_size_per_gpu", "auto") == "auto":  # only feeds DeepSpeed's throughput printouts;
@@ -55,6 +59,10 @@ class SFTDeepSpeedStrategy(DeepSpeedStrategy):
         )
         self.zero3_init_flag = zero3_init_flag
         self.zero3_save_16bit_model = zero3_save_16bit_model
+        self.stage3_knobs = {"stage3_param_persistence_threshold": stage3_param_persistence_threshold,
+                             "stage3_prefetch_bucket_size": stage3_prefetch_bucket_size,
+                             "stage3_max_live_parameters": stage3_max_live_parameters,
+                             "stage3_max_reuse_distance": stage3_max_reuse_distance}
 
     def _format_config(self) -> None:
         super()._format_config()
@@ -64,6 +72,9 @@ class SFTDeepSpeedStrategy(DeepSpeedStrategy):
         self.config["gradient_clipping"] = float(max_grad_norm or 0.0)
         zero = self.config.setdefault("zero_optimization", {})
         zero["stage3_gather_16bit_weights_on_model_save"] = self.zero3_save_16bit_model
+        for key, value in self.stage3_knobs.items():
+            if value is not None:
+                zero[key] = int(value)
 
     @property
     def zero3_init(self) -> bool:
