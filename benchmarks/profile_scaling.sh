@@ -45,20 +45,32 @@ run() {  # run TAG GPUS(CUDA_VISIBLE_DEVICES) ROWS_PER_DEVICE [extra CLI args...
 }
 PERSIST="--trainer.strategy.init_args.stage3_param_persistence_threshold 1000000000"
 
-# Phase A: four single-GPU runs side by side.
+NGPU=$(nvidia-smi -L | wc -l)
+# Phase A: four single-GPU runs, side by side on as many GPUs as there are.
 BENCH_PROFILE_STEPS=6,7 run g1_base 0 16 &
-run g1_persist 1 16 $PERSIST &
-run g1_zero2 2 16 --trainer.strategy.init_args.zero_stage 2 &
-run g1_persist_nockpt 3 16 $PERSIST --model.gradient_checkpointing false --data.max_tokens_per_micro_batch 32768 &
+[ $NGPU -ge 2 ] || wait
+run g1_persist $((1 % NGPU)) 16 $PERSIST &
+[ $NGPU -ge 4 ] || wait
+run g1_zero2 $((2 % NGPU)) 16 --trainer.strategy.init_args.zero_stage 2 &
+[ $NGPU -ge 2 ] || wait
+run g1_persist_nockpt $((3 % NGPU)) 16 $PERSIST --model.gradient_checkpointing false --data.max_tokens_per_micro_batch 32768 &
 wait
-# Phase B: two 2-GPU runs side by side.
-BENCH_PROFILE_STEPS=6,7 run g2_base 0,1 8 &
-run g2_persist 2,3 8 $PERSIST &
-wait
+# Phase B: 2-GPU runs (side by side on 4 GPUs).
+if [ $NGPU -ge 4 ]; then
+  BENCH_PROFILE_STEPS=6,7 run g2_base 0,1 8 &
+  run g2_persist 2,3 8 $PERSIST &
+  wait
+elif [ $NGPU -ge 2 ]; then
+  BENCH_PROFILE_STEPS=6,7 run g2_base 0,1 8
+  run g2_persist 0,1 8 $PERSIST
+  [ $(( $(date +%s) - T0 )) -lt 470 ] && run g2_zero2 0,1 8 --trainer.strategy.init_args.zero_stage 2
+fi
 # Phase C: 4-GPU runs, one at a time.
-BENCH_PROFILE_STEPS=6,7 run g4_base 0,1,2,3 4
-run g4_persist 0,1,2,3 4 $PERSIST
-[ $(( $(date +%s) - T0 )) -lt 430 ] && run g4_zero2 0,1,2,3 4 --trainer.strategy.init_args.zero_stage 2
+if [ $NGPU -ge 4 ]; then
+  BENCH_PROFILE_STEPS=6,7 run g4_base 0,1,2,3 4
+  run g4_persist 0,1,2,3 4 $PERSIST
+  [ $(( $(date +%s) - T0 )) -lt 430 ] && run g4_zero2 0,1,2,3 4 --trainer.strategy.init_args.zero_stage 2
+fi
 
 # Collect: one records file, profiles, traces, log tails; then the table.
 python3 - <<PY
