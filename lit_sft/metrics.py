@@ -14,8 +14,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-# Order of the fields in the all-reduced vector.
-_FIELDS = ("loss_sum", "num_loss_tokens", "num_correct", "num_tokens", "num_slots", "flops")
+# Order of the fields in the all-reduced vector (``num_slots`` is summed on the host and appended at the step's end).
+_FIELDS = ("loss_sum", "num_loss_tokens", "num_correct", "num_tokens", "flops", "num_slots")
 
 # Dense bf16 tensor-core peak by device name, TFLOP/s (vendor datasheets, SXM parts, no sparsity).
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1,
@@ -79,6 +79,7 @@ class StepMetrics:
     def __init__(self, peak_flops: Optional[float] = None, world_size: int = 1) -> None:
         self.peak_flops, self.world_size = peak_flops, world_size
         self._sums: Optional[Tensor] = None
+        self._slots = 0.0
         self._has_accuracy = True
         self.tokens_seen = 0
         self._last_time: Optional[float] = None
@@ -87,15 +88,15 @@ class StepMetrics:
             num_slots: int = 0, flops: Optional[Tensor] = None) -> None:
         """Add one micro-batch's sums (scalars; ``num_correct`` is ``None`` when no logits were computed;
         ``num_slots`` counts token positions including padding; ``flops`` from :func:`training_flops`)."""
-        device = loss_sum.device
+        device = loss_sum.device  # everything stays on the device: no host synchronisation per micro-batch
+        zero = torch.zeros((), dtype=torch.float64, device=device)
         if num_correct is None:
             self._has_accuracy = False
-            num_correct = torch.zeros((), device=device)
         values = torch.stack([loss_sum.detach().double(), num_loss_tokens.double().to(device),
-                              num_correct.double().to(device), num_tokens.double().to(device),
-                              torch.tensor(float(num_slots), dtype=torch.float64, device=device),
-                              (flops if flops is not None else torch.zeros(())).double().to(device)])
+                              zero if num_correct is None else num_correct.double().to(device),
+                              num_tokens.double().to(device), zero if flops is None else flops.double().to(device)])
         self._sums = values if self._sums is None else self._sums + values
+        self._slots += float(num_slots)
 
     def start_clock(self) -> None:
         """Mark the start of the first timed step (later steps are timed from the previous step's end)."""
@@ -106,7 +107,7 @@ class StepMetrics:
         """All-reduce the step's sums (a collective: every rank must call it), reset, and return the metrics."""
         if self._sums is None:
             raise RuntimeError("StepMetrics.reduce() called before any micro-batch was added")
-        sums = all_reduce_sum(self._sums).tolist()
+        sums = all_reduce_sum(torch.cat([self._sums, self._sums.new_tensor([self._slots])])).tolist()
         values = dict(zip(_FIELDS, sums))
         now = time.perf_counter()
         elapsed = now - self._last_time if self._last_time is not None else float("nan")
@@ -126,7 +127,7 @@ class StepMetrics:
         }
         if torch.cuda.is_available():
             metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        self._sums, self._has_accuracy = None, True
+        self._sums, self._has_accuracy, self._slots = None, True, 0.0
         return metrics
 
     def state_dict(self) -> dict[str, Any]:

@@ -123,7 +123,8 @@ class SFTDataModule(L.LightningDataModule):
         max_tokens_per_micro_batch: with ``padding_free``, fill micro-batches up to this many tokens instead of
             ``per_device_train_batch_size`` rows; an optimizer step still covers ``per_device_train_batch_size x
             gradient_accumulation_steps x world_size`` rows (the recipe's), so the learning dynamics are unchanged.
-            Must be ``>= max_length``.
+            Must be ``>= max_length``. Not used (logged) with padded batches, so ``padding_free: false`` alone
+            returns a config with a token budget to the padded layout.
         do_eval: evaluate on ``dataset_test_split``.
         dataset_num_proc: processes for tokenization (``datasets.map(num_proc=...)``).
         num_workers: ``DataLoader`` worker processes.
@@ -163,9 +164,12 @@ class SFTDataModule(L.LightningDataModule):
         pad_to_multiple_of: Optional[int] = None,
     ) -> None:
         super().__init__()
+        if max_tokens_per_micro_batch is not None and not (padding_free or packing):
+            rank_zero_info(f"data.padding_free: false: padded micro-batches of {per_device_train_batch_size} rows; "
+                           f"data.max_tokens_per_micro_batch={max_tokens_per_micro_batch} applies to padding-free "
+                           "batches only and is not used")
+            max_tokens_per_micro_batch = None
         if max_tokens_per_micro_batch is not None:
-            if not (padding_free or packing):
-                raise ValueError("data.max_tokens_per_micro_batch needs data.padding_free: true")
             if max_length is not None and max_tokens_per_micro_batch < max_length:
                 raise ValueError(f"data.max_tokens_per_micro_batch={max_tokens_per_micro_batch} must be >= "
                                  f"data.max_length={max_length}, or a long row would not fit any micro-batch")
