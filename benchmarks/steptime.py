@@ -97,7 +97,7 @@ def _summarise(prof: Any, steps: int) -> str:
     cats = {"nccl": 0.0, "gemm": 0.0, "attention": 0.0, "memcpy/memset": 0.0, "other": 0.0}
     for e in rows:
         t = device_us(e)
-        if not t:
+        if not t or str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA":  # kernels only: no double count
             continue
         name = e.key.lower()
         if "nccl" in name:
