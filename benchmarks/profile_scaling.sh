@@ -32,11 +32,11 @@ wait
 cat $W/init.log; grep PROBE "$OUT/probe.txt" || tail -5 "$OUT/probe.txt"
 echo "phase 0: $(( $(date +%s) - T0 )) s"
 
-PORT=29500
 run() {  # run TAG GPUS(CUDA_VISIBLE_DEVICES) ROWS_PER_DEVICE [extra CLI args...]
   local tag=$1 gpus=$2 rows=$3; shift 3
-  local n=$(( $(echo "$gpus" | tr -cd , | wc -c) + 1 )); PORT=$((PORT + 7))
-  CUDA_VISIBLE_DEVICES=$gpus MASTER_PORT=$PORT timeout ${RUN_TIMEOUT:-240} python3 -m lit_sft.cli fit \
+  local n=$(( $(echo "$gpus" | tr -cd , | wc -c) + 1 ))
+  local port=$(( 20000 + $(echo "$tag" | cksum | cut -d' ' -f1) % 20000 ))  # unique per run: runs go side by side
+  CUDA_VISIBLE_DEVICES=$gpus MASTER_PORT=$port timeout ${RUN_TIMEOUT:-240} python3 -m lit_sft.cli fit \
     --config configs/qwen_zero3.yaml --config benchmarks/configs/scaling_r1.yaml --run.output_dir $W/$tag \
     --data.dataset_name $DATA/r1_traces_mmlu_pro.jsonl --data.tokenizer_name_or_path $DATA/qwen2.5-tokenizer \
     --trainer.devices $n --trainer.max_steps $STEPS --data.per_device_train_batch_size $rows "$@" > $W/$tag.log 2>&1

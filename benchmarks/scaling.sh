@@ -37,12 +37,12 @@ PY
 wait
 echo "setup: $(( $(date +%s) - T0 )) s"
 
-PORT=29600
 run() {  # run TAG GPUS ROWS_PER_DEVICE ACCUMULATION STEPS [extra CLI args...]
   local tag=$1 gpus=$2 rows=$3 accum=$4 steps=$5; shift 5
-  local n=$(( $(echo "$gpus" | tr -cd , | wc -c) + 1 )); PORT=$((PORT + 11))
+  local n=$(( $(echo "$gpus" | tr -cd , | wc -c) + 1 ))
+  local port=$(( 20000 + $(echo "$tag" | cksum | cut -d' ' -f1) % 20000 ))  # unique per run: runs go side by side
   echo $n > $W/$tag.gpus
-  CUDA_VISIBLE_DEVICES=$gpus MASTER_PORT=$PORT timeout ${RUN_TIMEOUT:-300} python3 -m lit_sft.cli fit \
+  CUDA_VISIBLE_DEVICES=$gpus MASTER_PORT=$port timeout ${RUN_TIMEOUT:-300} python3 -m lit_sft.cli fit \
     --config configs/qwen_zero3.yaml --config benchmarks/configs/scaling_r1.yaml --run.output_dir $W/$tag \
     --data.dataset_name $W/r1x2.jsonl --data.tokenizer_name_or_path $DATA/qwen2.5-tokenizer \
     --trainer.devices $n --trainer.max_steps $steps --data.per_device_train_batch_size $rows \
