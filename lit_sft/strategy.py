@@ -20,10 +20,11 @@ Speed (issue 11, ``benchmarks/RESULTS.md`` section 3, measured on H200s with the
   :data:`REPLICATE_MAX_SHARE` of one GPU's memory; larger models, and parameter offload, keep stage 3.
 * **Fused AdamW** on GPU: the ``torch.optim.AdamW`` of ``configure_optimizers`` steps DeepSpeed's flat fp32
   partitions with PyTorch's fused kernel (one pass instead of a dozen foreach passes over 1.5B parameters).
-* **Resume on another GPU count**: a DeepSpeed checkpoint written with another data-parallel world size (or with
-  partitioned parameters where they are now whole, or the reverse) is converted once with DeepSpeed's own
-  ``ds_to_universal`` into ``<checkpoint>/checkpoint_universal`` and loaded with DeepSpeed's universal-checkpoint
-  loader (:meth:`SFTDeepSpeedStrategy.load_checkpoint`).
+* **Resume on another GPU count**: a DeepSpeed checkpoint written with another data-parallel world size is
+  converted once with DeepSpeed's own ``ds_to_universal`` into ``<checkpoint>/checkpoint_universal`` and loaded with
+  DeepSpeed's universal-checkpoint loader (:meth:`SFTDeepSpeedStrategy.load_checkpoint`); the resumed run keeps the
+  checkpoint's parameter layout (:meth:`SFTDeepSpeedStrategy.check_resume`, called by the CLI before the model is
+  built), since DeepSpeed 0.19 converts between world sizes but not between stage 2 and stage 3.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def checkpoint_layout(path: str) -> Optional[tuple[int, bool]]:
 def convert_command(path: str) -> str:
     """The shell command that converts a Lightning DeepSpeed checkpoint folder to DeepSpeed's universal format."""
     return (f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {os.path.join(path, _LIGHTNING_TAG)} "
-            f"--output_folder {os.path.join(path, UNIVERSAL_TAG)}")
+            f"--output_folder {os.path.join(path, UNIVERSAL_TAG)} --inject_missing_state")
 
 
 def convert_to_universal(path: str, workers: int = 1) -> str:
@@ -95,7 +96,7 @@ def convert_to_universal(path: str, workers: int = 1) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     args = argparse.Namespace(input_folder=os.path.join(str(path), _LIGHTNING_TAG), output_folder=tmp,
                               num_extract_workers=workers, num_merge_workers=workers, keep_temp_folder=False,
-                              strict=True, inject_missing_state=False)
+                              strict=True, inject_missing_state=True)
     ds_to_universal.main(args)
     # The universal loader looks for the model-states file name of the *current* layout; provide both.
     files = {os.path.basename(f) for f in glob.glob(os.path.join(tmp, "*model_states.pt"))}
@@ -169,6 +170,7 @@ class SFTDeepSpeedStrategy(DeepSpeedStrategy):
                              "stage3_max_live_parameters": stage3_max_live_parameters,
                              "stage3_max_reuse_distance": stage3_max_reuse_distance}
         self._partitioning_resolved = False
+        self._resume_partitioned: Optional[bool] = None
 
     def _format_config(self) -> None:
         super()._format_config()
@@ -206,8 +208,13 @@ class SFTDeepSpeedStrategy(DeepSpeedStrategy):
                 raise ValueError("offload_param_device needs partitioned parameters: set "
                                  "trainer.strategy.init_args.zero3_partition_parameters to auto or true")
             return
+        if self._resume_partitioned is True:
+            rank_zero_info("ZeRO stage 3: parameters partitioned, as in the checkpoint this run resumes from")
+            return
         if self.zero3_partition_parameters is False:
             reason = "zero3_partition_parameters: false"
+        elif self._resume_partitioned is False:
+            reason = "as in the checkpoint this run resumes from"
         elif self.world_size == 1:
             reason = "a single data-parallel rank has nothing to partition"
         else:
@@ -262,40 +269,65 @@ class SFTDeepSpeedStrategy(DeepSpeedStrategy):
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
     def check_resume(self, checkpoint_path: Optional[str]) -> None:
-        """Before the model is built: say how a checkpoint written with another layout will be loaded, or refuse
-        one that cannot be (with the command that converts it).
+        """Before the model is built (the CLI calls it; with the Trainer API call it before ``trainer.fit`` when
+        resuming on another GPU count): match the parameter layout of the checkpoint, say how it will be loaded, or
+        refuse a combination that cannot be (with the fix or the command that converts).
+
+        DeepSpeed 0.19's universal checkpoint re-partitions for any data-parallel world size, but only into the same
+        parameter layout (a stage-3 conversion lacks what a stage-2 loader reads, and the reverse), so with
+        ``zero3_partition_parameters: auto`` the resumed run keeps the checkpoint's layout.
 
         Raises:
-            ValueError: the checkpoint was written with another data-parallel world size or parameter layout and
-                holds no universal conversion while this run cannot convert it (optimizer offloaded to NVMe).
+            ValueError: the checkpoint has partitioned parameters and this run is not ZeRO-3, or its layout differs
+                from an explicit ``zero3_partition_parameters``, or the world size differs with the optimizer on NVMe.
         """
         layout = checkpoint_layout(checkpoint_path) if checkpoint_path else None
         if layout is None:
             return
-        self.resolve_partitioning()
         world, partitioned = layout
-        if (world, partitioned) == (self.world_size, self.zero_stage_3):
+        stage = (self.config.get("zero_optimization") or {}).get("stage")
+        key = "trainer.strategy.init_args.zero3_partition_parameters"
+        if partitioned and stage != 3:
+            raise ValueError(f"{checkpoint_path} holds partitioned parameters (ZeRO-3); resume it with "
+                             f"trainer.strategy.init_args.zero_stage: 3 (this run has zero_stage: {stage})")
+        if stage == 3 and self.zero3_partition_parameters != "auto" and self.zero3_partition_parameters != partitioned:
+            raise ValueError(f"{checkpoint_path} was written with {'partitioned' if partitioned else 'whole'} "
+                             f"parameters; DeepSpeed cannot load it into the other layout: set {key}: "
+                             f"{str(partitioned).lower()} (or auto) to resume it")
+        if stage == 3:
+            self._resume_partitioned = partitioned
+        now = self.num_processes * self.num_nodes
+        if world == now:
             return
         done = os.path.isfile(os.path.join(checkpoint_path, UNIVERSAL_TAG, "zero", "optimizer_state.pt"))
         nvme = ((self.config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device") == "nvme"
         if nvme and not done:
-            raise ValueError(f"{checkpoint_path} was written by {world} data-parallel ranks and this run has "
-                             f"{self.world_size}, with the optimizer offloaded to NVMe: convert it first with\n  "
+            raise ValueError(f"{checkpoint_path} was written by {world} data-parallel ranks and this run has {now}, "
+                             f"with the optimizer offloaded to NVMe: convert it first with\n  "
                              f"{convert_command(checkpoint_path)}")
-        rank_zero_info(f"{checkpoint_path} was written by {world} data-parallel rank(s) "
-                       f"({'partitioned' if partitioned else 'whole'} parameters); this run has {self.world_size} "
-                       f"({'partitioned' if self.zero_stage_3 else 'whole'}): loading DeepSpeed's universal checkpoint "
-                       f"{'(already converted)' if done else '(converted at load: ' + convert_command(checkpoint_path) + ')'}")
+        rank_zero_info(f"{checkpoint_path} was written by {world} data-parallel rank(s), this run has {now}: loading "
+                       f"DeepSpeed's universal checkpoint {'(already converted)' if done else '(converted at load: ' + convert_command(checkpoint_path) + ')'}")
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        """Lightning's DeepSpeed load; a checkpoint written with another data-parallel world size or parameter
-        layout goes through DeepSpeed's universal checkpoint: converted once by global rank 0 with
-        :func:`convert_to_universal` (the other ranks wait), then loaded with ``load_universal_checkpoint``, which
-        re-partitions the fp32 weights and Adam moments for this world size. The step counters, LR schedule and
-        data position come from Lightning's part of the checkpoint as in any resume."""
+        """Lightning's DeepSpeed load; a checkpoint written with another data-parallel world size goes through
+        DeepSpeed's universal checkpoint: converted once by global rank 0 with :func:`convert_to_universal` (the
+        other ranks wait), then loaded with ``load_universal_checkpoint``, which re-partitions the fp32 weights and
+        Adam moments for this world size. The step counters, LR schedule and data position come from Lightning's
+        part of the checkpoint as in any resume (the plan is global: same rows per step, same steps).
+
+        Raises:
+            ValueError: the checkpoint's parameter layout differs from this run's (see :meth:`check_resume`).
+        """
         layout = None if self.load_full_weights else checkpoint_layout(str(checkpoint_path))
         if layout is None or layout == (self.world_size, self.zero_stage_3):
             return super().load_checkpoint(checkpoint_path, weights_only)
+        world, partitioned = layout
+        if partitioned != self.zero_stage_3:
+            raise ValueError(f"{checkpoint_path} was written with {'partitioned' if partitioned else 'whole'} "
+                             f"parameters and this run keeps them {'partitioned' if self.zero_stage_3 else 'whole'}; "
+                             "DeepSpeed cannot load across layouts: set trainer.strategy.init_args."
+                             f"zero3_partition_parameters: {str(partitioned).lower()}, or call "
+                             "trainer.strategy.check_resume(path) before trainer.fit (the CLI does)")
         path = self.broadcast(str(checkpoint_path))
         if self.is_global_zero:
             convert_to_universal(path)

@@ -279,14 +279,21 @@ class SFTDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """The data position is restored from the trainer's ``global_step`` (the plan is a function of the seed and
-        the epoch), so only the settings that define the plan are stored, to refuse an inconsistent resume."""
+        the epoch), so only the settings that define the plan are stored, to refuse an inconsistent resume.
+        The plan is global: the same rows per optimizer step on any GPU count give the same steps, so a resume on
+        another GPU count (with the accumulation adjusted) continues at the next step's rows."""
         hp = self.hparams
         return {"seed": hp.seed, "per_device_train_batch_size": hp.per_device_train_batch_size,
-                "gradient_accumulation_steps": hp.gradient_accumulation_steps, "world_size": self.world_size}
+                "gradient_accumulation_steps": hp.gradient_accumulation_steps, "world_size": self.world_size,
+                "rows_per_step": hp.per_device_train_batch_size * hp.gradient_accumulation_steps * self.world_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         mine = self.state_dict()
-        changed = {k: (v, mine[k]) for k, v in state_dict.items() if k in mine and mine[k] != v}
+        state_dict = dict(state_dict)
+        state_dict.setdefault("rows_per_step", state_dict.get("per_device_train_batch_size", 0)
+                              * state_dict.get("gradient_accumulation_steps", 0) * state_dict.get("world_size", 0))
+        changed = {k: (state_dict[k], mine[k]) for k in ("seed", "rows_per_step")
+                   if k in state_dict and mine[k] != state_dict[k]}
         if changed:
             rank_zero_warn(f"resuming with different data settings {changed} (checkpoint, now): the row order "
                            "after the checkpoint will differ from the interrupted run")
