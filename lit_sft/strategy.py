@@ -36,7 +36,7 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
-from typing import Any, Generator, Literal, Optional, Union
+from typing import Any, Callable, Generator, Literal, Optional, Union
 
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -108,6 +108,37 @@ def convert_to_universal(path: str, workers: int = 1) -> str:
     with open(os.path.join(str(path), "latest_universal"), "w") as f:
         f.write(UNIVERSAL_TAG)
     return out
+
+
+def keep_parameters_whole(setting: Union[bool, str], world_size: int, num_parameters: Optional[Callable[[], int]],
+                          device_memory: Optional[int], offload_param: bool = False,
+                          resume_partitioned: Optional[bool] = None) -> Optional[str]:
+    """Whether ZeRO stage 3 should keep parameters whole (run as stage 2), and why; ``None``: partition them.
+
+    Args:
+        setting: ``zero3_partition_parameters`` (``True``, ``False`` or ``"auto"``).
+        world_size: data-parallel ranks.
+        num_parameters: counts the model's parameters (called only when needed), or ``None`` if unknown.
+        device_memory: one GPU's memory in bytes, ``None`` off GPU.
+        offload_param: parameters are offloaded (needs stage 3).
+        resume_partitioned: the layout of the checkpoint this run resumes from, if any (``auto`` keeps it).
+    """
+    if setting is True or offload_param or (setting == "auto" and resume_partitioned is True):
+        return None
+    if setting is False:
+        return "zero3_partition_parameters: false"
+    if resume_partitioned is False:
+        return "as in the checkpoint this run resumes from"
+    if world_size == 1:
+        return "a single data-parallel rank has nothing to partition"
+    if num_parameters is None or not device_memory:
+        return None
+    n = num_parameters()
+    share = 2 * n / device_memory
+    if share > REPLICATE_MAX_SHARE:
+        return None
+    return (f"the model's 16-bit weights ({2 * n / 2**30:.1f} GiB, {n / 1e9:.2f}B parameters) take {share:.1%} <= "
+            f"{REPLICATE_MAX_SHARE:.0%} of a GPU's memory")
 
 
 class SFTDeepSpeedStrategy(DeepSpeedStrategy):
@@ -200,32 +231,15 @@ class SFTDeepSpeedStrategy(DeepSpeedStrategy):
             return
         self._partitioning_resolved = True
         zero = self.config.get("zero_optimization") or {}
-        if zero.get("stage") != 3 or self.zero3_partition_parameters is True:
+        if zero.get("stage") != 3:
             return
-        reason = None
-        if zero.get("offload_param"):
-            if self.zero3_partition_parameters is False:
-                raise ValueError("offload_param_device needs partitioned parameters: set "
-                                 "trainer.strategy.init_args.zero3_partition_parameters to auto or true")
-            return
-        if self._resume_partitioned is True:
-            rank_zero_info("ZeRO stage 3: parameters partitioned, as in the checkpoint this run resumes from")
-            return
-        if self.zero3_partition_parameters is False:
-            reason = "zero3_partition_parameters: false"
-        elif self._resume_partitioned is False:
-            reason = "as in the checkpoint this run resumes from"
-        elif self.world_size == 1:
-            reason = "a single data-parallel rank has nothing to partition"
-        else:
-            count = getattr(self.lightning_module, "num_parameters", None)
-            memory = self._device_memory()
-            if callable(count) and memory:
-                n = count()
-                bytes_16bit = 2 * n
-                if bytes_16bit <= REPLICATE_MAX_SHARE * memory:
-                    reason = (f"the model's 16-bit weights ({bytes_16bit / 2**30:.1f} GiB, {n / 1e9:.2f}B parameters) "
-                              f"take {bytes_16bit / memory:.1%} <= {REPLICATE_MAX_SHARE:.0%} of a GPU's memory")
+        if zero.get("offload_param") and self.zero3_partition_parameters is False:
+            raise ValueError("offload_param_device needs partitioned parameters: set "
+                             "trainer.strategy.init_args.zero3_partition_parameters to auto or true")
+        count = getattr(self.lightning_module, "num_parameters", None)
+        reason = keep_parameters_whole(self.zero3_partition_parameters, self.world_size,
+                                       count if callable(count) else None, self._device_memory(),
+                                       bool(zero.get("offload_param")), self._resume_partitioned)
         if reason is None:
             rank_zero_info("ZeRO stage 3: parameters, gradients and optimizer states partitioned")
             return
@@ -330,7 +344,7 @@ class SFTDeepSpeedStrategy(DeepSpeedStrategy):
                              "trainer.strategy.check_resume(path) before trainer.fit (the CLI does)")
         path = self.broadcast(str(checkpoint_path))
         if self.is_global_zero:
-            convert_to_universal(path)
+            convert_to_universal(path, workers=max(1, min(8, (os.cpu_count() or 1) // 4)))
         self.barrier("lit_sft_universal_checkpoint")
         engine = self.deepspeed_engine
         engine._config.load_universal_checkpoint = True
