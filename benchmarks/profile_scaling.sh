@@ -2,8 +2,9 @@
 # Issue-11 profiling on one nvidia-h200-x4 machine: where an optimizer step's time goes on 1, 2 and 4 GPUs.
 # All runs train the same 16 rows per optimizer step (R1 traces, seed-42 plan, one seeded random init), so GPU counts
 # compare on identical work: 1 GPU x 16 rows, 2 GPUs x 8 rows/device, 4 GPUs x 4 rows/device (the strong-scaling
-# case where fixed per-step costs show most). Variants of the ZeRO knobs run beside the current defaults; the
-# first run of each GPU count is also profiled (torch.profiler, steps 6-7). Also runs the issue-8 packed-rows probe.
+# case where fixed per-step costs show most). The code paths before issue 11 (partitioned ZeRO-3, full recomputation;
+# "base", profiled with torch.profiler over steps 6-7) run beside ZeRO-3 with every parameter persistent, ZeRO-2, and
+# the new defaults with a 32768-token budget. Also runs the issue-8 packed-rows probe.
 # Single-GPU runs share the machine (one run per GPU at a time); 4-GPU runs run alone.
 # Run there (device tool), after preparing .whl and .device-data (benchmarks/RESULTS.md):
 #   run(command="bash benchmarks/profile_scaling.sh", carry=[".whl", ".device-data"], kind="nvidia-h200-x4")
@@ -43,33 +44,35 @@ run() {  # run TAG GPUS(CUDA_VISIBLE_DEVICES) ROWS_PER_DEVICE [extra CLI args...
   echo "$tag ($n GPUs, $rows rows/device): rc=$? $(( $(date +%s) - T0 )) s"
   echo $n > $W/$tag.gpus
 }
-PERSIST="--trainer.strategy.init_args.stage3_param_persistence_threshold 1000000000"
+# The code paths before issue 11: partitioned ZeRO-3 parameters, full recomputation.
+OLD="--trainer.strategy.init_args.zero3_partition_parameters true --model.gradient_checkpointing_layers all"
+PERSIST="$OLD --trainer.strategy.init_args.stage3_param_persistence_threshold 1000000000"
 
 NGPU=$(nvidia-smi -L | wc -l)
 # Phase A: four single-GPU runs, side by side on as many GPUs as there are.
-BENCH_PROFILE_STEPS=6,7 run g1_base 0 16 &
+BENCH_PROFILE_STEPS=6,7 run g1_base 0 16 $OLD &
 [ $NGPU -ge 2 ] || wait
 run g1_persist $((1 % NGPU)) 16 $PERSIST &
 [ $NGPU -ge 4 ] || wait
-run g1_zero2 $((2 % NGPU)) 16 --trainer.strategy.init_args.zero_stage 2 &
+run g1_zero2 $((2 % NGPU)) 16 --trainer.strategy.init_args.zero_stage 2 --model.gradient_checkpointing_layers all &
 [ $NGPU -ge 2 ] || wait
-run g1_persist_nockpt $((3 % NGPU)) 16 $PERSIST --model.gradient_checkpointing false --data.max_tokens_per_micro_batch 32768 &
+run g1_nockpt $((3 % NGPU)) 16 --data.max_tokens_per_micro_batch 32768 &
 wait
 # Phase B: 2-GPU runs (side by side on 4 GPUs).
 if [ $NGPU -ge 4 ]; then
-  BENCH_PROFILE_STEPS=6,7 run g2_base 0,1 8 &
+  BENCH_PROFILE_STEPS=6,7 run g2_base 0,1 8 $OLD &
   run g2_persist 2,3 8 $PERSIST &
   wait
 elif [ $NGPU -ge 2 ]; then
-  BENCH_PROFILE_STEPS=6,7 run g2_base 0,1 8
+  BENCH_PROFILE_STEPS=6,7 run g2_base 0,1 8 $OLD
   run g2_persist 0,1 8 $PERSIST
-  [ $(( $(date +%s) - T0 )) -lt 470 ] && run g2_zero2 0,1 8 --trainer.strategy.init_args.zero_stage 2
+  [ $(( $(date +%s) - T0 )) -lt 470 ] && run g2_zero2 0,1 8 --trainer.strategy.init_args.zero_stage 2 --model.gradient_checkpointing_layers all
 fi
 # Phase C: 4-GPU runs, one at a time.
 if [ $NGPU -ge 4 ]; then
-  BENCH_PROFILE_STEPS=6,7 run g4_base 0,1,2,3 4
+  BENCH_PROFILE_STEPS=6,7 run g4_base 0,1,2,3 4 $OLD
   run g4_persist 0,1,2,3 4 $PERSIST
-  [ $(( $(date +%s) - T0 )) -lt 430 ] && run g4_zero2 0,1,2,3 4 --trainer.strategy.init_args.zero_stage 2
+  [ $(( $(date +%s) - T0 )) -lt 430 ] && run g4_zero2 0,1,2,3 4 --trainer.strategy.init_args.zero_stage 2 --model.gradient_checkpointing_layers all
 fi
 
 # Collect: one records file, profiles, traces, log tails; then the table.
