@@ -98,7 +98,19 @@ def test_parameters_stay_whole_when_they_fit():
     assert keep_parameters_whole("auto", 8, a_70b, h200, resume_partitioned=False) is not None
 
 
-def test_single_process_zero3_runs_as_stage2_and_says_so(tmp_path, lines):
+@pytest.fixture
+def clean_process():
+    """An in-process DeepSpeed run sets RANK/WORLD_SIZE/MASTER_* and a process group: undo both afterwards, or
+    later tests' multi-process subprocesses inherit WORLD_SIZE=1 and wait for ranks that never come."""
+    saved = dict(os.environ)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_single_process_zero3_runs_as_stage2_and_says_so(tmp_path, lines, clean_process):
     from cpu_deepspeed import CPUDeepSpeedStrategy
     from sft_harness import fit_lit_sft, save_tiny_qwen2, write_rows
 
