@@ -282,6 +282,8 @@ class SFTCLI(LightningCLI):
                 fit["ckpt_path"] = ckpt
             if os.path.exists(ckpt):
                 self._check_finished(read_checkpoint(ckpt), ckpt)
+        if fit.get("ckpt_path") and hasattr(trainer.strategy, "check_resume"):  # another GPU count: before the model
+            trainer.strategy.check_resume(fit["ckpt_path"])
         if (fit.get("ckpt_path") is None and os.path.isfile(os.path.join(out, "model.safetensors"))
                 and not args["overwrite_output_dir"]):
             raise FileExistsError(f"run.output_dir={out!r} already holds a trained model and no checkpoint to resume "

@@ -16,9 +16,10 @@ from torch import Tensor
 
 from lit_sft.loss import LossSums
 
-# Order of the fields at the head of the all-reduced vector; then each rank's tokens and FLOPs (``world_size`` each),
-# then, with mixture sources, each source's loss sum and supervised tokens (``K`` each).
-_FIELDS = ("loss_sum", "num_loss_tokens", "num_correct", "num_tokens", "num_slots", "flops")
+# Order of the fields at the head of the all-reduced vector (``num_slots`` is summed on the host and appended at the
+# step's end); then each rank's tokens and FLOPs (``world_size`` each), then, with mixture sources, each source's loss
+# sum and supervised tokens (``K`` each).
+_FIELDS = ("loss_sum", "num_loss_tokens", "num_correct", "num_tokens", "flops", "num_slots")
 
 # Dense bf16 tensor-core peak by device name, TFLOP/s (vendor datasheets, SXM parts, no sparsity).
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1,
@@ -94,6 +95,7 @@ class StepMetrics:
         self._sums: Optional[Tensor] = None
         self._source_sums: Optional[Tensor] = None  # [2, K]: loss sums, supervised tokens
         self._source_names: Optional[tuple[str, ...]] = None
+        self._slots = 0.0
         self._has_accuracy = True
         self.tokens_seen = 0
         self._last_time: Optional[float] = None
@@ -102,17 +104,17 @@ class StepMetrics:
             source_names: Optional[Sequence[str]] = None) -> None:
         """Add one micro-batch's sums: :class:`lit_sft.loss.LossSums` (``num_correct`` ``None`` when no logits were
         computed; per-source sums, if any, named by ``source_names``), ``num_tokens`` non-padding tokens,
-        ``num_slots`` token positions including padding, ``flops`` from :func:`training_flops`."""
+        ``num_slots`` token positions including padding, ``flops`` from :func:`training_flops`. Everything stays on
+        the device: no host synchronisation per micro-batch."""
         device = sums.loss_sum.device
-        num_correct = sums.num_correct
-        if num_correct is None:
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        if sums.num_correct is None:
             self._has_accuracy = False
-            num_correct = torch.zeros((), device=device)
         values = torch.stack([sums.loss_sum.detach().double(), sums.num_loss_tokens.double().to(device),
-                              num_correct.double().to(device), num_tokens.double().to(device),
-                              torch.tensor(float(num_slots), dtype=torch.float64, device=device),
-                              (flops if flops is not None else torch.zeros(())).double().to(device)])
+                              zero if sums.num_correct is None else sums.num_correct.double().to(device),
+                              num_tokens.double().to(device), zero if flops is None else flops.double().to(device)])
         self._sums = values if self._sums is None else self._sums + values
+        self._slots += float(num_slots)
         if sums.source_loss_sums is not None and source_names is not None:
             per_source = torch.stack([sums.source_loss_sums.double(), sums.source_loss_tokens.double().to(device)])
             self._source_sums = per_source if self._source_sums is None else self._source_sums + per_source
@@ -131,7 +133,7 @@ class StepMetrics:
         ranks = torch.zeros(2, self.world_size, dtype=torch.float64, device=self._sums.device)
         ranks[0, self.rank] = self._sums[_FIELDS.index("num_tokens")]
         ranks[1, self.rank] = self._sums[_FIELDS.index("flops")]
-        parts = [self._sums, ranks.flatten()]
+        parts = [self._sums, self._sums.new_tensor([self._slots]), ranks.flatten()]
         if self._source_sums is not None:
             parts.append(self._source_sums.flatten())
         reduced = all_reduce_sum(torch.cat(parts)).tolist()
@@ -164,7 +166,7 @@ class StepMetrics:
                     metrics[f"train/loss/{name}"] = loss_sum / n
         if torch.cuda.is_available():
             metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        self._sums, self._source_sums, self._has_accuracy = None, None, True
+        self._sums, self._source_sums, self._has_accuracy, self._slots = None, None, True, 0.0
         return metrics
 
     def state_dict(self) -> dict[str, Any]:

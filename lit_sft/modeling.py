@@ -145,3 +145,66 @@ def apply_liger_kernels(model: torch.nn.Module, enabled: bool) -> bool:
 
     _apply_liger_kernel_to_instance(model=model)
     return True
+
+
+def count_parameters(model_name_or_path: Optional[str], revision: Optional[str] = None,
+                     model_config: Optional[dict] = None) -> int:
+    """Parameters of the model (tied weights once), counted on the meta device: nothing is allocated or loaded."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(model_name_or_path, revision, model_config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers that gradient checkpointing wraps (transformers' ``GradientCheckpointingLayer``s)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_checkpointed_layers(model: torch.nn.Module, count: int) -> int:
+    """After ``gradient_checkpointing_enable``: keep recomputation on the first ``count`` decoder layers only (the
+    others store their activations). Which layers recompute does not change the peak (every layer's activations
+    live until the backward pass reaches it), only how many.
+
+    Returns:
+        The number of layers that recompute (``count`` clipped to ``[0, layers]``).
+    """
+    layers = decoder_layers(model)
+    count = max(0, min(int(count), len(layers)))
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < count
+    return count
+
+
+def activation_bytes_per_token(config: Any, liger: bool) -> tuple[int, int]:
+    """Bytes one token costs in one decoder layer until the backward pass: ``(stored, checkpointed)``.
+
+    ``stored`` counts what autograd saves in a Qwen2/Llama-style layer without recomputation, in 16-bit:
+    the attention block's norm input and output, q, k, v and the attention output (``2d + 2 d_kv``), the MLP's norm
+    input and output, and the MLP's gate, up and activation (``3 i``); with Liger's RMSNorm and SwiGLU kernels that is
+    ``2 (6 d + 2 d_kv + 3 i)`` bytes (73.2 KB for Qwen2.5-1.5B: d 1536, d_kv 256, i 8960); PyTorch's own RMSNorm
+    keeps fp32 copies and its SiLU one more ``i``: ``2 (6 d + 2 d_kv + 4 i) + 16 d``. ``checkpointed`` is the layer
+    input a recomputing layer keeps (``2 d``).
+    """
+    d, i = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    d_kv = kv * (getattr(config, "head_dim", None) or d // heads)
+    stored = 2 * (6 * d + 2 * d_kv + 3 * i) if liger else 2 * (6 * d + 2 * d_kv + 4 * i) + 16 * d
+    return stored, 2 * d
+
+
+def auto_checkpointed_layers(num_layers: int, tokens: int, stored: int, checkpointed: int, budget: int) -> int:
+    """How many of ``num_layers`` decoder layers must recompute so that one micro-batch of ``tokens`` tokens keeps
+    its activations within ``budget`` bytes: the fewest ``c`` with
+    ``(num_layers - c) * tokens * stored + c * tokens * checkpointed <= budget``.
+    """
+    if tokens <= 0 or num_layers * tokens * stored <= budget:
+        return 0
+    saving = tokens * (stored - checkpointed)
+    over = num_layers * tokens * stored - budget
+    return min(num_layers, -(-over // saving))

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_sft.guard import NonFiniteError, nonfinite_step_message
 from lit_sft.data.batch import PADDING_FREE_KEYS, SFTBatch, check_training_batch
 from lit_sft.loss import LossSums, backward_scale, chunked_token_loss_sum, token_sources
 from lit_sft.metrics import StepMetrics, device_peak_flops, matmul_params, training_flops
-from lit_sft.modeling import apply_liger_kernels, build_causal_lm
+from lit_sft.modeling import (activation_bytes_per_token, apply_liger_kernels, auto_checkpointed_layers,
+                              build_causal_lm, count_parameters, decoder_layers, set_checkpointed_layers)
 from lit_sft.optim import adamw, check_scheduler, lr_scheduler
 
 # Checkpoints are taken after the optimizer step on purpose (resume continues from the next step).
@@ -46,6 +47,12 @@ class SFTModule(L.LightningModule):
         use_liger_kernel: Liger's Triton kernels, including the fused linear cross-entropy that never materialises
             the ``[tokens, vocab]`` logits (recipe: true; GPU only, a warning on CPU).
         gradient_checkpointing: recompute activations in the backward pass (recipe: true).
+        gradient_checkpointing_layers: with ``gradient_checkpointing``, how many decoder layers recompute: ``all``
+            (default: the recipe's, every layer), a number, or ``auto``: as few as fit the GPU's memory for the
+            largest micro-batch (``data.max_tokens_per_micro_batch``, else rows x ``max_length``), sized at the start
+            of training from the free memory, the Adam moments still to be allocated, a 10% reserve and the
+            activation bytes per token of :func:`lit_sft.modeling.activation_bytes_per_token`; the choice is
+            logged. The loss and gradients are the same either way; only speed and memory differ.
         gradient_checkpointing_kwargs: passed to ``gradient_checkpointing_enable`` (recipe: ``use_reentrant: false``).
         learning_rate: peak learning rate of AdamW (recipe: 5e-5).
         lr_scheduler_type: a transformers scheduler name (recipe: ``cosine_with_min_lr``).
@@ -76,6 +83,7 @@ class SFTModule(L.LightningModule):
         use_liger_kernel: bool = False,
         gradient_checkpointing: bool = True,
         gradient_checkpointing_kwargs: Optional[dict[str, Any]] = None,
+        gradient_checkpointing_layers: Union[int, Literal["all", "auto"]] = "all",
         learning_rate: float = 5e-5,
         lr_scheduler_type: str = "cosine_with_min_lr",
         lr_scheduler_kwargs: Optional[dict[str, Any]] = None,
@@ -92,6 +100,10 @@ class SFTModule(L.LightningModule):
         super().__init__()
         if model_name_or_path is None and not (model_config or {}).get("model_type"):
             raise ValueError("set model.model_name_or_path, or model.model_config with a 'model_type' key")
+        if not (gradient_checkpointing_layers in ("all", "auto") or
+                (isinstance(gradient_checkpointing_layers, int) and gradient_checkpointing_layers >= 0)):
+            raise ValueError(f"model.gradient_checkpointing_layers={gradient_checkpointing_layers!r}: use all, auto or a "
+                             "number of decoder layers >= 0")
         if lr_scheduler_kwargs is None:
             lr_scheduler_kwargs = {"min_lr_rate": 0.1} if lr_scheduler_type == "cosine_with_min_lr" else {}
         check_scheduler(lr_scheduler_type, lr_scheduler_kwargs)
@@ -141,9 +153,16 @@ class SFTModule(L.LightningModule):
         if hp.gradient_checkpointing:
             kwargs = hp.gradient_checkpointing_kwargs or {"use_reentrant": False}
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if isinstance(hp.gradient_checkpointing_layers, int):
+                set_checkpointed_layers(self.model, hp.gradient_checkpointing_layers)
         self.fused_loss = apply_liger_kernels(self.model, hp.use_liger_kernel)
         config = self.model.config
         self._flops_args = (matmul_params(self.model), config.num_hidden_layers, config.hidden_size)
+
+    def num_parameters(self) -> int:
+        """Parameters of the configured model, counted without building it (the strategy sizes ZeRO with it)."""
+        hp = self.hparams
+        return count_parameters(hp.model_name_or_path, hp.model_revision, hp.model_config)
 
     def on_fit_start(self) -> None:
         peak = self.hparams.mfu_peak_tflops
@@ -151,6 +170,56 @@ class SFTModule(L.LightningModule):
         self.step_metrics.world_size, self.step_metrics.rank = self.trainer.world_size, self.trainer.global_rank
         datamodule = getattr(self.trainer, "datamodule", None)
         self._steps_per_epoch = getattr(datamodule, "optimizer_steps_per_epoch", None)
+        self._log_batch_path(datamodule)
+        if self.hparams.gradient_checkpointing and self.hparams.gradient_checkpointing_layers == "auto":
+            self._auto_checkpointed_layers(datamodule)
+
+    def _micro_batch_tokens(self, datamodule: Any) -> Optional[int]:
+        """The largest micro-batch in tokens: the token budget, else rows x ``max_length`` (``None``: unknown)."""
+        dh = getattr(datamodule, "hparams", {}) or {}
+        if getattr(datamodule, "padding_free", False) and dh.get("max_tokens_per_micro_batch"):
+            return int(dh["max_tokens_per_micro_batch"])
+        if dh.get("max_length") and dh.get("per_device_train_batch_size"):
+            return int(dh["max_length"]) * int(dh["per_device_train_batch_size"])
+        return None
+
+    def _log_batch_path(self, datamodule: Any) -> None:
+        """One line saying which batch layout trains (issue 11: the fast path is the default)."""
+        dh = getattr(datamodule, "hparams", None)
+        if dh is None:
+            return
+        rows = dh.get("per_device_train_batch_size", 0) * dh.get("gradient_accumulation_steps", 1) * self.trainer.world_size
+        attn = getattr(self.model.config, "_attn_implementation", None)
+        if getattr(datamodule, "padding_free", False):
+            budget = dh.get("max_tokens_per_micro_batch")
+            fill = f"micro-batches filled up to {budget} tokens" if budget else "micro-batches of rows"
+            rank_zero_info(f"Batches: padding-free ({fill}, attention {attn} within each row), {rows} rows per "
+                           "optimizer step; data.padding_free: false returns to padded batches")
+        else:
+            rank_zero_info(f"Batches: padded to the longest row of each micro-batch of "
+                           f"{dh.get('per_device_train_batch_size')} rows, {rows} rows per optimizer step "
+                           "(data.padding_free: true trains the same rows per step, same loss, without padding)")
+
+    def _auto_checkpointed_layers(self, datamodule: Any) -> None:
+        """``gradient_checkpointing_layers: auto``: recompute as few decoder layers as the GPU's memory allows."""
+        layers = decoder_layers(self.model)
+        tokens = self._micro_batch_tokens(datamodule)
+        if self.device.type != "cuda" or not tokens:
+            rank_zero_info("gradient_checkpointing_layers: auto: every decoder layer recomputes (no GPU memory or "
+                           "micro-batch size to size against)")
+            return
+        stored, kept = activation_bytes_per_token(self.model.config, self.fused_loss)
+        free, total = torch.cuda.mem_get_info(self.device)
+        numel = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+        shards = self.trainer.world_size if isinstance(self.trainer.strategy, DeepSpeedStrategy) else 1
+        later = 8 * -(-numel // shards) + 4 * -(-numel // shards) + 2 * numel  # Adam moments, fp32 + 16-bit grads
+        budget = free - later - total // 10 - 2 * tokens * stored  # 10% reserve; backward transients
+        count = auto_checkpointed_layers(len(layers), tokens, stored, kept, budget)
+        count = int(self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="max"))
+        set_checkpointed_layers(self.model, count)
+        rank_zero_info(f"gradient_checkpointing_layers: auto: {count} of {len(layers)} decoder layers recompute "
+                       f"(micro-batches up to {tokens} tokens, {stored / 1024:.1f} KiB per token per stored layer, "
+                       f"{budget / 2**30:.1f} GiB for activations)")
 
     @staticmethod
     def sequence_lengths(batch: SFTBatch) -> torch.Tensor:
@@ -194,8 +263,8 @@ class SFTModule(L.LightningModule):
                                        use_cache=False, **packed).last_hidden_state
         chunk, num_chunks = self.hparams.loss_chunk_size, None
         if self.zero3 and self.trainer.world_size > 1:  # ZeRO-3 gathers lm_head at each call: same count on all ranks
-            mine = torch.tensor(max(1, -(-int((labels[:, 1:] != -100).sum()) // chunk)), device=hidden.device)
-            num_chunks = int(self.trainer.strategy.reduce(mine, reduce_op="max"))
+            mine = ((labels[:, 1:] != -100).sum() + chunk - 1).div(chunk, rounding_mode="floor").clamp(min=1)
+            num_chunks = int(self.trainer.strategy.reduce(mine, reduce_op="max"))  # one host sync, not two
         sources, num_sources = None, 0
         if "source_ids" in batch:  # mixture: each position's source, for train/loss/<source>
             seq_lens = self.sequence_lengths(batch) if "cu_seq_lens_q" in batch else None

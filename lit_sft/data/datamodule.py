@@ -204,7 +204,8 @@ class SFTDataModule(L.LightningDataModule):
         max_tokens_per_micro_batch: with ``padding_free``, fill micro-batches up to this many tokens instead of
             ``per_device_train_batch_size`` rows; an optimizer step still covers ``per_device_train_batch_size x
             gradient_accumulation_steps x world_size`` rows (the recipe's), so the learning dynamics are unchanged.
-            Must be ``>= max_length``.
+            Must be ``>= max_length``. Not used (logged) with padded batches, so ``padding_free: false`` alone
+            returns a config with a token budget to the padded layout.
         do_eval: evaluate on ``dataset_test_split``.
         dataset_num_proc: processes for tokenization (``datasets.map(num_proc=...)``).
         num_workers: ``DataLoader`` worker processes.
@@ -260,9 +261,12 @@ class SFTDataModule(L.LightningDataModule):
         pad_to_multiple_of: Optional[int] = None,
     ) -> None:
         super().__init__()
+        if max_tokens_per_micro_batch is not None and not (padding_free or packing):
+            rank_zero_info(f"data.padding_free: false: padded micro-batches of {per_device_train_batch_size} rows; "
+                           f"data.max_tokens_per_micro_batch={max_tokens_per_micro_batch} applies to padding-free "
+                           "batches only and is not used")
+            max_tokens_per_micro_batch = None
         if max_tokens_per_micro_batch is not None:
-            if not (padding_free or packing):
-                raise ValueError("data.max_tokens_per_micro_batch needs data.padding_free: true")
             if max_length is not None and max_tokens_per_micro_batch < max_length:
                 raise ValueError(f"data.max_tokens_per_micro_batch={max_tokens_per_micro_batch} must be >= "
                                  f"data.max_length={max_length}, or a long row would not fit any micro-batch")
@@ -442,14 +446,21 @@ class SFTDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """The data position is restored from the trainer's ``global_step`` (the plan is a function of the seed and
-        the epoch), so only the settings that define the plan are stored, to refuse an inconsistent resume."""
+        the epoch), so only the settings that define the plan are stored, to refuse an inconsistent resume.
+        The plan is global: the same rows per optimizer step on any GPU count give the same steps, so a resume on
+        another GPU count (with the accumulation adjusted) continues at the next step's rows."""
         hp = self.hparams
         return {"seed": hp.seed, "per_device_train_batch_size": hp.per_device_train_batch_size,
-                "gradient_accumulation_steps": hp.gradient_accumulation_steps, "world_size": self.world_size}
+                "gradient_accumulation_steps": hp.gradient_accumulation_steps, "world_size": self.world_size,
+                "rows_per_step": hp.per_device_train_batch_size * hp.gradient_accumulation_steps * self.world_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         mine = self.state_dict()
-        changed = {k: (v, mine[k]) for k, v in state_dict.items() if k in mine and mine[k] != v}
+        state_dict = dict(state_dict)
+        state_dict.setdefault("rows_per_step", state_dict.get("per_device_train_batch_size", 0)
+                              * state_dict.get("gradient_accumulation_steps", 0) * state_dict.get("world_size", 0))
+        changed = {k: (state_dict[k], mine[k]) for k in ("seed", "rows_per_step")
+                   if k in state_dict and mine[k] != state_dict[k]}
         if changed:
             rank_zero_warn(f"resuming with different data settings {changed} (checkpoint, now): the row order "
                            "after the checkpoint will differ from the interrupted run")
