@@ -10,16 +10,19 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from typing import Any, Literal, Optional
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_sft.data.datamodule import SFTDataModule
+from lit_sft.data.tokenize import RowError
 from lit_sft.checkpoint import SFTCheckpoint
 from lit_sft.export import HFExport
 from lit_sft.loggers import build_loggers
 from lit_sft.module import SFTModule
+from lit_sft.validation import InputError, check_ranges
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"step-(\d+)\.ckpt$")
@@ -82,6 +85,15 @@ def run_args(
     """
 
 
+def check_run_args(run: dict[str, Any]) -> None:
+    """Check the ``run:`` keys before anything is built (ranges: :data:`lit_sft.validation.RANGES`).
+
+    Raises:
+        InputError: names the key, the value and the valid range.
+    """
+    check_ranges("run", run)
+
+
 class SFTCLI(LightningCLI):
     """LightningCLI with the recipe's run keys at the top level (see :func:`run_args`)."""
 
@@ -94,6 +106,7 @@ class SFTCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_run_args(dict(config.run))
         if config.data.tokenizer_name_or_path is None:
             config.data.tokenizer_name_or_path = config.model.model_name_or_path
         level = getattr(logging, config.run.log_level.upper())
@@ -166,9 +179,21 @@ class SFTCLI(LightningCLI):
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """Entry point of the ``lit_sft`` console script."""
-    SFTCLI(SFTModule, SFTDataModule, args=args, save_config_kwargs={"overwrite": True},
-           auto_configure_optimizers=False, parser_kwargs={"allow_abbrev": False})
+    """Entry point of the ``lit_sft`` console script.
+
+    Input the user must fix (:class:`lit_sft.validation.InputError`: a config value out of range, a data file or
+    tokenizer that cannot be loaded; :class:`lit_sft.data.tokenize.RowError`: a malformed row) is reported as
+    jsonargparse reports a bad argument: ``error: <message>`` on stderr and exit status 2, no traceback
+    (``JSONARGPARSE_DEBUG=1`` raises instead, with the traceback).
+    """
+    try:
+        SFTCLI(SFTModule, SFTDataModule, args=args, save_config_kwargs={"overwrite": True},
+               auto_configure_optimizers=False, parser_kwargs={"allow_abbrev": False})
+    except (InputError, RowError) as err:
+        if os.environ.get("JSONARGPARSE_DEBUG"):
+            raise
+        sys.stderr.write(f"error: {err}\n")
+        raise SystemExit(2) from err
 
 
 if __name__ == "__main__":

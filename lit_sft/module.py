@@ -13,6 +13,7 @@ from lit_sft.loss import backward_scale, chunked_token_loss_sum
 from lit_sft.metrics import StepMetrics, device_peak_flops, matmul_params, training_flops
 from lit_sft.modeling import apply_liger_kernels, build_causal_lm
 from lit_sft.optim import adamw, check_scheduler, lr_scheduler
+from lit_sft.validation import check_ranges
 
 
 # Padding-free batches (lit_sft/data/collate.py PaddingFreeCollator) pass these to the model's attention.
@@ -82,6 +83,7 @@ class SFTModule(L.LightningModule):
         mfu_peak_tflops: Optional[float] = None,
     ) -> None:
         super().__init__()
+        check_ranges("model", locals())
         if model_name_or_path is None and not (model_config or {}).get("model_type"):
             raise ValueError("set model.model_name_or_path, or model.model_config with a 'model_type' key")
         if lr_scheduler_kwargs is None:

@@ -10,9 +10,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lit_sft.data.collate import PaddingCollator, PaddingFreeCollator
-from lit_sft.data.loading import load_split, load_tokenizer
+from lit_sft.data.loading import check_chat_template, load_split, load_tokenizer
 from lit_sft.data.sampler import MicroBatchItem, StepBatchSampler
 from lit_sft.data.tokenize import tokenize_row
+from lit_sft.validation import check_fits_model, check_ranges, model_max_positions
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,10 @@ class SFTDataModule(L.LightningDataModule):
         dataset_config: the dataset's configuration name (recipe: ``default``).
         dataset_train_split: split to train on.
         dataset_test_split: split for evaluation, used when ``do_eval`` is true.
+        test_split_size: hold out this share of the training split for evaluation instead, with
+            ``Dataset.train_test_split(test_size=test_split_size, seed=seed)`` (open-r1's
+            ``dataset_mixture.test_split_size``); needed for sources with no test split (a single file or a single
+            ``save_to_disk`` Dataset). Training uses the rest.
         data_files: passed to ``datasets.load_dataset``.
         tokenizer_name_or_path: tokenizer to use; the CLI defaults it to ``model.model_name_or_path``.
             ``pkg://package/dir`` names a folder shipped inside an installed package.
@@ -109,6 +114,9 @@ class SFTDataModule(L.LightningDataModule):
         truncation: ``truncate`` keeps the first ``max_length`` tokens (TRL's ``keep_start``; no EOS is added);
             ``drop`` removes rows longer than ``max_length``. Either way, rows left with no supervised token are
             dropped, and both counts are logged.
+        longer_than_model: ``error`` (default) stops before training when ``max_length``, or with ``max_length: null``
+            a row, is longer than the model's ``max_position_embeddings`` (read from its config); ``warn`` trains
+            anyway, for a model that handles longer inputs (e.g. with RoPE scaling).
         assistant_only_loss: supervise only assistant turns (each with its end-of-turn token).
         completion_only_loss: for prompt/completion rows, supervise only the completion.
         per_device_train_batch_size: rows per micro-batch per device (recipe: 16).
@@ -139,6 +147,7 @@ class SFTDataModule(L.LightningDataModule):
         dataset_config: Optional[str] = None,
         dataset_train_split: str = "train",
         dataset_test_split: str = "test",
+        test_split_size: Optional[float] = None,
         data_files: Optional[Union[str, list[str], dict[str, Any]]] = None,
         tokenizer_name_or_path: Optional[str] = None,
         tokenizer_revision: Optional[str] = None,
@@ -146,6 +155,7 @@ class SFTDataModule(L.LightningDataModule):
         eos_token: Optional[str] = None,
         max_length: Optional[int] = 16384,
         truncation: Literal["truncate", "drop"] = "truncate",
+        longer_than_model: Literal["error", "warn"] = "error",
         assistant_only_loss: bool = False,
         completion_only_loss: bool = True,
         per_device_train_batch_size: int = 16,
@@ -163,6 +173,7 @@ class SFTDataModule(L.LightningDataModule):
         pad_to_multiple_of: Optional[int] = None,
     ) -> None:
         super().__init__()
+        check_ranges("data", locals())
         if max_tokens_per_micro_batch is not None:
             if not (padding_free or packing):
                 raise ValueError("data.max_tokens_per_micro_batch needs data.padding_free: true")
@@ -174,9 +185,6 @@ class SFTDataModule(L.LightningDataModule):
         self.padding_free = padding_free or packing
         if tokenizer_name_or_path is None:
             raise ValueError("data.tokenizer_name_or_path is required (the CLI sets it from model.model_name_or_path)")
-        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            if locals()[key] < 1:
-                raise ValueError(f"data.{key} must be >= 1, got {locals()[key]}")
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer_name_or_path, tokenizer_revision, chat_template, eos_token)
         self.train_rows: Any = None
@@ -186,13 +194,18 @@ class SFTDataModule(L.LightningDataModule):
     # -- preprocessing -------------------------------------------------------------------------------------------
     def _tokenize(self, split: str) -> Any:
         hp = self.hparams
-        rows = load_split(hp.dataset_name, split, hp.dataset_config, hp.data_files)
+        limit = model_max_positions(self.trainer)
+        check_fits_model(hp.max_length, limit, policy=hp.longer_than_model, packing=hp.packing)
+        rows = load_split(hp.dataset_name, split, hp.dataset_config, hp.data_files, train_split=hp.dataset_train_split,
+                          test_split_size=hp.test_split_size, seed=hp.seed)
+        check_chat_template(self.tokenizer, rows)
         if split == hp.dataset_train_split and hp.max_train_samples is not None:
             rows = rows.select(range(min(hp.max_train_samples, len(rows))))
         fn_kwargs = dict(tokenizer=self.tokenizer, max_length=hp.max_length,
                          assistant_only_loss=hp.assistant_only_loss, completion_only_loss=hp.completion_only_loss)
         tokenized = rows.map(_preprocess, with_indices=True, fn_kwargs=fn_kwargs, num_proc=hp.dataset_num_proc,
                              remove_columns=rows.column_names, desc=f"Tokenizing {split}")
+        check_fits_model(hp.max_length, limit, tokenized["length"], split, hp.longer_than_model, hp.packing)
         n_rows, n_truncated = len(tokenized), sum(tokenized["truncated"])
         if hp.truncation == "drop" and n_truncated:
             tokenized = tokenized.filter(lambda t: not t, input_columns="truncated")
