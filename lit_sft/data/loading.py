@@ -47,14 +47,18 @@ def _looks_local(name: str) -> bool:
             or os.path.exists(os.path.expanduser(name)))
 
 
-def _reason(err: BaseException) -> str:
-    """``Type: message`` of an exception and of its causes (a ``DatasetGenerationError`` says nothing itself)."""
-    parts, seen = [], set()
+def _reason(err: BaseException, chain: bool = True) -> str:
+    """``Type: message`` (first line) of an exception and, with ``chain``, of its causes (a
+    ``DatasetGenerationError`` says nothing itself: its cause does)."""
+    parts: list[str] = []
+    seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        parts.append(f"{type(err).__name__}: {text}" if text else type(err).__name__)
-        err = err.__cause__ or err.__context__
+        part = f"{type(err).__name__}: {text}" if text else type(err).__name__
+        if part not in parts:
+            parts.append(part)
+        err = (err.__cause__ or err.__context__) if chain else None
     return " <- ".join(parts)
 
 
@@ -319,7 +323,8 @@ def _find_fault(path: str, builder: str) -> Optional[str]:
                 parquet.read_row_group(group).validate(full=True)
         except Exception as err:
             where = f", row group {group}" if "group" in locals() else ""
-            return f"{where}: not a readable Parquet file ({_reason(err)}); rewrite it (e.g. Dataset.to_parquet)"
+            return (f"{where}: not a readable Parquet file ({_reason(err, chain=False)}); rewrite it "
+                    "(e.g. Dataset.to_parquet)")
         return None
     if builder == "arrow":
         import pyarrow as pa
@@ -332,7 +337,7 @@ def _find_fault(path: str, builder: str) -> Optional[str]:
                     f.seek(0)
                     pa.ipc.open_file(f).read_all().validate(full=True)
         except Exception as err:
-            return f": not a readable Arrow IPC file ({_reason(err)})"
+            return f": not a readable Arrow IPC file ({_reason(err, chain=False)})"
     return None
 
 
@@ -385,7 +390,7 @@ def _csv_fault(path: str) -> Optional[str]:
     try:
         pd.read_csv(path)
     except Exception as err:
-        return f": not valid CSV ({_reason(err)})"
+        return f": not valid CSV ({_reason(err, chain=False)})"
     return None
 
 
