@@ -184,13 +184,13 @@ def main(args: Optional[list[str]] = None) -> None:
     Input the user must fix (:class:`lit_sft.validation.InputError`: a config value out of range, a data file or
     tokenizer that cannot be loaded; :class:`lit_sft.data.tokenize.RowError`: a malformed row) is reported as
     jsonargparse reports a bad argument: ``error: <message>`` on stderr and exit status 2, no traceback
-    (``JSONARGPARSE_DEBUG=1`` raises instead, with the traceback).
+    (``JSONARGPARSE_DEBUG=true`` raises instead, with the traceback).
     """
     try:
         SFTCLI(SFTModule, SFTDataModule, args=args, save_config_kwargs={"overwrite": True},
                auto_configure_optimizers=False, parser_kwargs={"allow_abbrev": False})
     except (InputError, RowError) as err:
-        if os.environ.get("JSONARGPARSE_DEBUG"):
+        if os.environ.get("JSONARGPARSE_DEBUG", "").lower() == "true":  # jsonargparse's own debug switch
             raise
         sys.stderr.write(f"error: {err}\n")
         raise SystemExit(2) from err

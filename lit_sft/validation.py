@@ -17,6 +17,7 @@ the ``lit_sft`` CLI prints its message as ``error: ...`` without a traceback (``
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -155,7 +156,13 @@ def model_max_positions(trainer: Any) -> Optional[int]:
             return None
         from lit_sft.modeling import load_config
 
-        config = load_config(hp.get("model_name_or_path"), hp.get("model_revision"), hp.get("model_config"))
+        transformers_log = logging.getLogger("transformers")
+        level = transformers_log.level
+        transformers_log.setLevel(max(level, logging.WARNING))  # no second "Model config ..." dump: the build logs it
+        try:
+            config = load_config(hp.get("model_name_or_path"), hp.get("model_revision"), hp.get("model_config"))
+        finally:
+            transformers_log.setLevel(level)
     return getattr(config, "max_position_embeddings", None)
 
 

@@ -303,3 +303,22 @@ def test_test_split_size_holds_out_a_seeded_share(tmp_path, source):
     assert (train, test) == (reference["train"]["text"], reference["test"]["text"])
     assert len(test) == 5 and not set(train) & set(test) and set(train) | set(test) == {r["text"] for r in rows}
     assert test != load_split(name, "test", test_split_size=0.25, seed=8)["text"]  # the seed is used
+
+
+def test_do_eval_on_a_single_saved_dataset(tmp_path):
+    from datasets import Dataset
+
+    from lit_sft.data.datamodule import SFTDataModule
+
+    rows = [{"messages": [{"role": "user", "content": f"{i} + 1?"}, {"role": "assistant", "content": f"{i + 1}"}]}
+            for i in range(20)]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "single"))
+    kwargs = dict(tokenizer_name_or_path=QWEN3, num_workers=0, do_eval=True)
+    dm = SFTDataModule(str(tmp_path / "single"), **kwargs)
+    with pytest.raises(InputError, match="single Dataset saved with save_to_disk .* set data.test_split_size"):
+        dm.setup("fit")  # before: the eval set silently was the training set
+    dm = SFTDataModule(str(tmp_path / "single"), test_split_size=0.25, **kwargs)
+    dm.setup("fit")
+    train = {tuple(ids) for ids in dm.train_rows["input_ids"]}
+    evaluation = {tuple(ids) for ids in dm.eval_rows["input_ids"]}
+    assert (len(train), len(evaluation)) == (15, 5) and not train & evaluation
