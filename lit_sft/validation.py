@@ -95,7 +95,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "mfu_peak_tflops": greater_than(0, hint="null: the device's datasheet peak"),
     },
     "data": {  # SFTDataModule.__init__
-        "max_length": at_least(2, hint="a row needs 2 tokens to supervise one; null keeps rows whole"),
+        "max_length": at_least(1, hint="tokens per row; null keeps rows whole"),
         "per_device_train_batch_size": at_least(1),
         "per_device_eval_batch_size": at_least(1),
         "gradient_accumulation_steps": at_least(1),

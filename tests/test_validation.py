@@ -102,7 +102,7 @@ def test_nan_inf_and_non_numbers_are_refused():
 
 # The inputs of issue 9 item 6, as a user types them: each stops before any tokenization with the key named.
 @pytest.mark.parametrize("args,message", [
-    (["--data.max_length", "-5"], "data.max_length=-5 is out of range: must be >= 2"),
+    (["--data.max_length", "-5"], "data.max_length=-5 is out of range: must be >= 1"),
     (["--model.max_grad_norm", "-1"], "model.max_grad_norm=-1.0 is out of range: must be >= 0"),
     (["--run.save_total_limit", "0"], "run.save_total_limit=0 is out of range: must be >= 1"),
     (["--data.max_train_samples", "0"], "data.max_train_samples=0 is out of range: must be >= 1"),
