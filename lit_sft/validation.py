@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -145,6 +146,9 @@ def model_max_positions(trainer: Any) -> Optional[int]:
 
     Returns:
         The limit, or ``None`` when unknown (no trainer, or a module without those hyper-parameters).
+
+    Raises:
+        InputNotFoundError, InputError: ``model.model_name_or_path`` is a missing folder or has no readable config.
     """
     module = getattr(trainer, "lightning_module", None) if trainer is not None else None
     if module is None:
@@ -154,13 +158,23 @@ def model_max_positions(trainer: Any) -> Optional[int]:
         hp = getattr(module, "hparams", None) or {}
         if hp.get("model_name_or_path") is None and not (hp.get("model_config") or {}).get("model_type"):
             return None
+        from lit_sft.data.loading import check_local_path
         from lit_sft.modeling import load_config
 
+        name = hp.get("model_name_or_path")
+        if name is not None:
+            path = check_local_path(name, "model.model_name_or_path", "config.json")
+            if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+                raise InputError(f"model.model_name_or_path={name!r}: the folder has no config.json (a Hugging Face "
+                                 "model folder, as save_pretrained writes it, holds one)")
         transformers_log = logging.getLogger("transformers")
         level = transformers_log.level
         transformers_log.setLevel(max(level, logging.WARNING))  # no second "Model config ..." dump: the build logs it
         try:
-            config = load_config(hp.get("model_name_or_path"), hp.get("model_revision"), hp.get("model_config"))
+            config = load_config(name, hp.get("model_revision"), hp.get("model_config"))
+        except OSError as err:  # transformers: no config.json in the folder, or not on the hub
+            raise InputError(f"model.model_name_or_path={name!r}: cannot read the model's config.json "
+                             f"({type(err).__name__}: {str(err).strip().splitlines()[0]})") from err
         finally:
             transformers_log.setLevel(level)
     return getattr(config, "max_position_embeddings", None)

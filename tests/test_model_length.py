@@ -109,3 +109,15 @@ def test_cli_reports_max_length_over_the_limit(capsys, tmp_path, monkeypatch):
     assert ("error: data.max_length=4096 is longer than the model's max_position_embeddings=2048"
             in captured.err)
     assert "Tokenizing" not in captured.err + captured.out
+
+
+def test_missing_model_folder_is_named_before_training(tmp_path):
+    from lit_sft.validation import InputNotFoundError
+
+    missing = SFTModule(str(tmp_path / "no_model"), random_init=True)
+    with pytest.raises(InputNotFoundError, match=r"model\.model_name_or_path='.*no_model': no such folder"):
+        model_max_positions(types.SimpleNamespace(lightning_module=missing))
+    (tmp_path / "empty").mkdir()
+    empty = SFTModule(str(tmp_path / "empty"), random_init=True)
+    with pytest.raises(InputError, match=r"model\.model_name_or_path='.*empty': the folder has no config.json"):
+        model_max_positions(types.SimpleNamespace(lightning_module=empty))

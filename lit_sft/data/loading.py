@@ -47,6 +47,28 @@ def _looks_local(name: str) -> bool:
             or os.path.exists(os.path.expanduser(name)))
 
 
+def check_local_path(name_or_path: str, key: str, what: str) -> str:
+    """Resolve a hub id / local folder / ``pkg://`` config value; a local-looking path must exist.
+
+    Args:
+        name_or_path: the config value.
+        key: the config key, for the message (``model.model_name_or_path``).
+        what: what the folder must hold, for the message (``config.json``).
+
+    Returns:
+        The path to pass to ``from_pretrained`` (``pkg://`` and ``~`` expanded).
+
+    Raises:
+        InputNotFoundError: ``./``, ``/``, ``~`` or a path with more than one ``/`` that is not a folder (a hub id is
+            ``name`` or ``namespace/name``); transformers would otherwise report an invalid repo id.
+    """
+    path = os.path.expanduser(resolve_path(name_or_path))
+    if _looks_local(path) and not os.path.isdir(path):
+        raise InputNotFoundError(f"{key}={name_or_path!r}: no such folder (relative paths are relative to "
+                                 f"{os.getcwd()!r}); set it to a folder holding {what}, or a hub id")
+    return path
+
+
 def _reason(err: BaseException, chain: bool = True) -> str:
     """``Type: message`` (first line) of an exception and, with ``chain``, of its causes (a
     ``DatasetGenerationError`` says nothing itself: its cause does)."""
@@ -85,15 +107,12 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     key = f"data.tokenizer_name_or_path={name_or_path!r}"
-    path = resolve_path(name_or_path)
-    if _looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
-        raise InputNotFoundError(
-            f"{key}: no such folder (relative paths are relative to {os.getcwd()!r}); it defaults to "
-            "model.model_name_or_path: set it to a folder holding tokenizer.json / tokenizer_config.json, or a hub id")
+    path = check_local_path(name_or_path, "data.tokenizer_name_or_path",
+                            "tokenizer.json / tokenizer_config.json (it defaults to model.model_name_or_path)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(path), revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     except Exception as err:
-        where = "the folder holds no loadable tokenizer files" if os.path.isdir(os.path.expanduser(path)) else (
+        where = "the folder holds no loadable tokenizer files" if os.path.isdir(path) else (
             "not a local folder, and the Hugging Face Hub lookup failed")
         raise InputError(f"{key}: {where} ({_reason(err)}); set data.tokenizer_name_or_path to a tokenizer folder "
                          "or hub id (it defaults to model.model_name_or_path)") from err
@@ -254,7 +273,8 @@ def _load_split(dataset_name: str, split: str, dataset_config: Optional[str], da
                     "common file type, so move other files out), or name the files with data.data_files")
             _check_not_empty(source, files)
         loaded = _guarded(source, files, lambda: datasets.load_dataset(
-            dataset_name, dataset_config, data_files=data_files, revision=revision), hub=not os.path.isdir(path))
+            dataset_name, dataset_config, data_files=data_files, revision=revision),
+            hub=not os.path.isdir(path) and dataset_name not in _BUILDERS)
     if split not in loaded:
         raise InputError(
             f"{source}: split {split!r} not found; available splits: {sorted(loaded)} (set data.dataset_train_split "
