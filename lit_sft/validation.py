@@ -204,9 +204,12 @@ def check_fits_model(max_length: Optional[int], limit: Optional[int], lengths: O
         if not over:
             return
         longest = max(over, key=lambda i: lengths[i])
-        problem = (f"{split}: {len(over)} rows are longer than the model's max_position_embeddings={limit} with "
-                   f"data.max_length={max_length} (row {over[0]} has {lengths[over[0]]} tokens; the longest, row "
-                   f"{longest}, has {lengths[longest]})")
+        rows = f"row {over[0]} has {lengths[over[0]]} tokens"
+        if longest != over[0]:
+            rows += f"; the longest, row {longest}, has {lengths[longest]}"
+        setting = "null" if max_length is None else max_length
+        problem = (f"{split}: {len(over)} of {len(lengths)} rows are longer than the model's "
+                   f"max_position_embeddings={limit} with data.max_length={setting} ({rows})")
     if policy == "warn":
         from lightning.pytorch.utilities import rank_zero_warn
 

@@ -52,8 +52,8 @@ def test_row_longer_than_the_model_with_max_length_null(tmp_path, data):
     with pytest.raises(InputError) as info:
         _fit(tmp_path, module, dm)
     message = str(info.value)
-    assert (f"train: 1 rows are longer than the model's max_position_embeddings={LIMIT} with data.max_length=None "
-            f"(row 1 has {long_tokens} tokens") in message
+    assert (f"train: 1 of 4 rows are longer than the model's max_position_embeddings={LIMIT} with "
+            f"data.max_length=null (row 1 has {long_tokens} tokens)") in message
     assert f"set data.max_length: {LIMIT}" in message and "data.longer_than_model: warn" in message
     assert module.model is None  # stopped before the model was built
 
@@ -84,8 +84,8 @@ def test_max_length_at_the_limit_passes():
 def test_packing_checks_rows_not_the_packed_length():
     check_fits_model(4 * LIMIT, LIMIT, packing=True)  # packed sequences restart positions at each row
     check_fits_model(4 * LIMIT, LIMIT, [LIMIT, 10], packing=True)
-    with pytest.raises(InputError, match=r"row 1 has 65 tokens"):
-        check_fits_model(4 * LIMIT, LIMIT, [LIMIT, LIMIT + 1], packing=True)
+    with pytest.raises(InputError, match=r"2 of 3 rows .* \(row 1 has 65 tokens; the longest, row 2, has 70\)"):
+        check_fits_model(4 * LIMIT, LIMIT, [LIMIT, LIMIT + 1, LIMIT + 6], packing=True)
 
 
 def test_model_limit_is_read_without_building_the_model():
