@@ -1,15 +1,19 @@
-"""Up-front checks of user input: the valid range of every numeric config key, and the error type for bad input.
+"""Up-front checks of user input: the valid range of every numeric config key, rows against the model's position
+limit, and the error type for bad input.
 
 Every ``int`` / ``float`` parameter of ``SFTModule.__init__`` (config section ``model:``), ``SFTDataModule.__init__``
 (``data:``) and :func:`lit_sft.cli.run_args` (``run:``) has its valid range declared in :data:`RANGES` and checked
 by :func:`check_ranges` before anything is loaded or tokenized, so a bad value fails at once with the key named
-(``data.max_length=-5 is out of range: must be >= 2 ...``) instead of training on silently wrong settings.
+(``data.max_length=-5 is out of range: must be >= 1 ...``) instead of training on silently wrong settings.
 
 Adding a numeric key: add ONE line to the section's dict below, e.g. ``"eval_steps": at_least(1),`` (or
 ``between(0, 1)``, ``greater_than(0)``, with an optional ``hint=`` saying what the value means). ``None`` always
 passes (it means "off" / "default" for ``Optional`` keys). ``tests/test_validation.py`` reads the three signatures
 and fails for any numeric parameter without a declared range, then feeds each key an out-of-range value and checks
 that the error names the key, so a forgotten key is caught by the tests, not by a user.
+
+:func:`check_fits_model` compares ``data.max_length`` and the tokenized rows with the model's
+``max_position_embeddings`` (:func:`model_max_positions`, read from the config without building the model).
 
 :class:`InputError` is the exception for input a user must fix (a config value, a data file, a tokenizer folder);
 the ``lit_sft`` CLI prints its message as ``error: ...`` without a traceback (``lit_sft/cli.py: main``).
