@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_sft.data.datamodule import SFTDataModule
-from lit_sft.checkpoint import SFTCheckpoint
+from lit_sft.data.tokenize import RowError
 from lit_sft.console import quiet_resumed_checkpoint_dir
 from lit_sft.evaluation import SFTEvaluation
 from lit_sft.checkpoint import FINISHED, SFTCheckpoint, training_done
@@ -30,6 +30,7 @@ from lit_sft.checkpoint_io import checkpoint_problem, newest_loadable, read_chec
 from lit_sft.export import HFExport
 from lit_sft.loggers import build_loggers
 from lit_sft.module import SFTModule
+from lit_sft.validation import InputError, check_ranges
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"step-(\d+)\.ckpt$")
@@ -140,6 +141,15 @@ class OverlayConfigFile(ActionConfigFile):
                 cfg[key] = merge_dicts(before[key], value)
 
 
+def check_run_args(run: dict[str, Any]) -> None:
+    """Check the ``run:`` keys before anything is built (ranges: :data:`lit_sft.validation.RANGES`).
+
+    Raises:
+        InputError: names the key, the value and the valid range.
+    """
+    check_ranges("run", run)
+
+
 class SFTCLI(LightningCLI):
     """LightningCLI with the recipe's run keys at the top level (see :func:`run_args`)."""
 
@@ -167,6 +177,7 @@ class SFTCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_run_args(dict(config.run))
         if config.data.tokenizer_name_or_path is None:
             config.data.tokenizer_name_or_path = config.model.model_name_or_path
         if config.run.eval_strategy in ("steps", "epoch"):
@@ -351,16 +362,28 @@ def deepspeed_logs_to_stderr() -> None:
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """Entry point of the ``lit_sft`` console script."""
+    """Entry point of the ``lit_sft`` console script.
+
+    Input the user must fix (:class:`lit_sft.validation.InputError`: a config value out of range, a data file or
+    tokenizer that cannot be loaded; :class:`lit_sft.data.tokenize.RowError`: a malformed row) is reported as
+    jsonargparse reports a bad argument: ``error: <message>`` on stderr and exit status 2, no traceback
+    (``JSONARGPARSE_DEBUG=true`` raises instead, with the traceback).
+    """
     deepspeed_logs_to_stderr()
     from lit_sft.commands import COMMANDS, commands_help, run_command
 
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in COMMANDS:
-        run_command(argv[0], argv[1:])
-        return
-    SFTCLI(SFTModule, SFTDataModule, args=args, save_config_kwargs={"overwrite": True},
-           auto_configure_optimizers=False, parser_kwargs={"allow_abbrev": False, "epilog": commands_help()})
+    try:
+        if argv and argv[0] in COMMANDS:
+            run_command(argv[0], argv[1:])
+            return
+        SFTCLI(SFTModule, SFTDataModule, args=args, save_config_kwargs={"overwrite": True},
+               auto_configure_optimizers=False, parser_kwargs={"allow_abbrev": False, "epilog": commands_help()})
+    except (InputError, RowError) as err:
+        if os.environ.get("JSONARGPARSE_DEBUG", "").lower() == "true":  # jsonargparse's own debug switch
+            raise
+        sys.stderr.write(f"error: {err}\n")
+        raise SystemExit(2) from err
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from lit_sft.metrics import StepMetrics, device_peak_flops, matmul_params, train
 from lit_sft.modeling import (activation_bytes_per_token, apply_liger_kernels, auto_checkpointed_layers,
                               build_causal_lm, count_parameters, decoder_layers, set_checkpointed_layers)
 from lit_sft.optim import adamw, check_scheduler, lr_scheduler
+from lit_sft.validation import check_ranges
 
 # Checkpoints are taken after the optimizer step on purpose (resume continues from the next step).
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -98,6 +99,7 @@ class SFTModule(L.LightningModule):
         max_nonfinite_steps: int = 0,
     ) -> None:
         super().__init__()
+        check_ranges("model", locals())
         if model_name_or_path is None and not (model_config or {}).get("model_type"):
             raise ValueError("set model.model_name_or_path, or model.model_config with a 'model_type' key")
         if not (gradient_checkpointing_layers in ("all", "auto") or

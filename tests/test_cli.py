@@ -106,6 +106,7 @@ def test_tiny_config_end_to_end(tmp_path):
 
     out = tmp_path / "run"
     main(["fit", "--config", "configs/tiny_cpu.yaml", "--data.max_train_samples", "64", "--trainer.max_epochs", "1",
+          "--data.per_device_train_batch_size", "8",
           "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false", "--run.save_steps", "4",
           "--run.output_dir", str(out)])
 

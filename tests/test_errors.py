@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from conftest import ROOT, TINY_QWEN2
@@ -10,6 +11,7 @@ from conftest import ROOT, TINY_QWEN2
 from lit_sft import SFTDataModule, SFTModule
 from lit_sft.cli import main
 from lit_sft.modeling import load_config
+from lit_sft.validation import InputError
 
 
 def test_unknown_model_config_key_is_refused():
@@ -43,9 +45,36 @@ def test_missing_local_dataset_is_not_looked_up_on_the_hub(tmp_path, qwen3_token
 @pytest.mark.parametrize("args,match", [
     (["--trainer.accumulate_grad_batches", "2"], "data.gradient_accumulation_steps"),
     (["--trainer.gradient_clip_val", "0.5"], "model.max_grad_norm"),
-    (["--run.save_steps", "0"], "run.save_steps=0"),
 ])
 def test_cli_points_to_the_lit_sft_key(tmp_path, args, match):
     with pytest.raises(ValueError, match=match):
         main(["fit", "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--run.output_dir", str(tmp_path),
               "--data.max_train_samples", "8", *args])
+
+
+@pytest.mark.parametrize("dataset,message", [
+    ("cut.jsonl", r"error: data.dataset_name='.*cut.jsonl': .*cut.jsonl, line 4: not valid JSON"),
+    ("empty.jsonl", r"error: data.dataset_name='.*empty.jsonl': .*empty.jsonl: the file is empty"),
+    ("missing.jsonl", r"error: data.dataset_name='.*missing.jsonl': no such file or folder"),
+])
+def test_cli_reports_bad_data_in_one_line(capsys, tmp_path, dataset, message):
+    """The ``lit_sft`` CLI prints ``error: <what and where>`` and exits 2, as jsonargparse does for a bad
+    argument, instead of a traceback (issue 9 item 5: 99 lines ending in ``DatasetGenerationError``)."""
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
+    (tmp_path / "cut.jsonl").write_text("\n".join([good] * 3 + ['{"messages": [{"role": "user", "content": "hi"}'])
+                                        + "\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--run.output_dir",
+              str(tmp_path / "out"), "--data.dataset_name", str(tmp_path / dataset)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err
+    assert err.rstrip().splitlines()[-1].startswith("error: ")
+
+
+def test_cli_debug_mode_raises_with_the_traceback(monkeypatch, tmp_path):
+    monkeypatch.setenv("JSONARGPARSE_DEBUG", "true")
+    with pytest.raises(InputError, match="run.save_steps=0 is out of range"):
+        main(["fit", "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--run.output_dir", str(tmp_path),
+              "--run.save_steps", "0"])

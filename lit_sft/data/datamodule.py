@@ -16,12 +16,13 @@ from torch.utils.data import DataLoader, Dataset
 from lit_sft.data.cache import cache_fingerprint
 from lit_sft.data.collate import PaddingCollator, PaddingFreeCollator
 from lit_sft.data.formats import check_columns, resolve_fields
-from lit_sft.data.loading import load_split, load_tokenizer
+from lit_sft.data.loading import check_chat_template, load_split, load_tokenizer
 from lit_sft.data.report import POLICY_KEYS, build_report, check_policies, report_lines
 from lit_sft.data.mixture import SOURCE_COLUMN, DatasetMixture, as_mixture, load_mixture, source_names
 from lit_sft.data.packing import packed_dataset
 from lit_sft.data.sampler import MicroBatchItem, StepBatchSampler
 from lit_sft.data.tokenize import tokenize_row
+from lit_sft.validation import check_fits_model, check_ranges, model_max_positions
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,10 @@ class SFTDataModule(L.LightningDataModule):
         dataset_config: the dataset's configuration name (recipe: ``default``).
         dataset_train_split: split to train on.
         dataset_test_split: split for evaluation, used when ``do_eval`` is true.
+        test_split_size: hold out this share of the training split for evaluation instead, with
+            ``Dataset.train_test_split(test_size=test_split_size, seed=seed)`` (open-r1's
+            ``dataset_mixture.test_split_size``); needed for sources with no test split (a single file or a single
+            ``save_to_disk`` Dataset). Training uses the rest.
         data_files: passed to ``datasets.load_dataset``.
         dataset_mixture: a weighted mixture of datasets instead of ``dataset_name``, as open-r1 configures it
             (``{datasets: [{id, config, split, columns, weight}], seed, test_split_size}``, see
@@ -168,6 +173,9 @@ class SFTDataModule(L.LightningDataModule):
             ``drop`` removes rows longer than ``max_length``. A row over ``max_length`` only by the template's
             trailing newline fits (it is cut, not dropped). Either way, rows left with no supervised token are
             dropped; all counts are in the preprocessing report.
+        longer_than_model: ``error`` (default) stops before training when ``max_length``, or with ``max_length: null``
+            a row, is longer than the model's ``max_position_embeddings`` (read from its config); ``warn`` trains
+            anyway, for a model that handles longer inputs (e.g. with RoPE scaling).
         assistant_only_loss: supervise only assistant turns: each turn's content and its end-of-turn token, what the
             model generates after the generation prompt (``lit_sft/data/tokenize.py`` says why, and how this
             compares with TRL's ``{% generation %}`` templates).
@@ -229,6 +237,7 @@ class SFTDataModule(L.LightningDataModule):
         dataset_config: Optional[str] = None,
         dataset_train_split: str = "train",
         dataset_test_split: str = "test",
+        test_split_size: Optional[float] = None,
         data_files: Optional[Union[str, list[str], dict[str, Any]]] = None,
         dataset_mixture: Optional[DatasetMixture] = None,
         tokenizer_name_or_path: Optional[str] = None,
@@ -237,6 +246,7 @@ class SFTDataModule(L.LightningDataModule):
         eos_token: Optional[str] = None,
         max_length: Optional[int] = 16384,
         truncation: Literal["truncate", "drop"] = "truncate",
+        longer_than_model: Literal["error", "warn"] = "error",
         assistant_only_loss: bool = False,
         completion_only_loss: bool = True,
         format: Optional[Literal["messages", "sharegpt", "prompt_completion", "text"]] = None,
@@ -261,6 +271,7 @@ class SFTDataModule(L.LightningDataModule):
         pad_to_multiple_of: Optional[int] = None,
     ) -> None:
         super().__init__()
+        check_ranges("data", locals())
         if max_tokens_per_micro_batch is not None and not (padding_free or packing):
             rank_zero_info(f"data.padding_free: false: padded micro-batches of {per_device_train_batch_size} rows; "
                            f"data.max_tokens_per_micro_batch={max_tokens_per_micro_batch} applies to padding-free "
@@ -275,13 +286,13 @@ class SFTDataModule(L.LightningDataModule):
         self.padding_free = padding_free or packing
         if tokenizer_name_or_path is None:
             raise ValueError("data.tokenizer_name_or_path is required (the CLI sets it from model.model_name_or_path)")
-        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            if locals()[key] < 1:
-                raise ValueError(f"data.{key} must be >= 1, got {locals()[key]}")
         check_columns(columns)
         check_policies(dict(on_no_assistant_turn=on_no_assistant_turn, on_answer_truncated=on_answer_truncated,
                             on_unknown_role=on_unknown_role, on_unrendered_content=on_unrendered_content))
         self.dataset_mixture = as_mixture(dataset_mixture) if dataset_mixture is not None else None
+        if self.dataset_mixture is not None and test_split_size is not None:
+            raise ValueError("data.test_split_size holds out part of data.dataset_name; with data.dataset_mixture set "
+                             "data.dataset_mixture.test_split_size instead")
         if self.dataset_mixture is None and dataset_name is None:
             raise ValueError("set data.dataset_name (a hub id, folder or file) or data.dataset_mixture")
         if self.dataset_mixture is not None and do_eval and self.dataset_mixture.test_split_size is None:
@@ -301,7 +312,10 @@ class SFTDataModule(L.LightningDataModule):
     # -- preprocessing -------------------------------------------------------------------------------------------
     def _tokenize(self, split: str) -> Any:
         hp = self.hparams
+        limit = model_max_positions(self.trainer)
+        check_fits_model(hp.max_length, limit, policy=hp.longer_than_model, packing=hp.packing)
         rows = self._load_rows(split)
+        check_chat_template(self.tokenizer, rows)
         if split == hp.dataset_train_split and hp.max_train_samples is not None:
             rows = rows.select(range(min(hp.max_train_samples, len(rows))))
         fmt, fields = resolve_fields(rows.column_names, hp.format, hp.columns)
@@ -313,6 +327,7 @@ class SFTDataModule(L.LightningDataModule):
         tokenized = rows.map(_preprocess, with_indices=True, fn_kwargs=fn_kwargs, num_proc=hp.dataset_num_proc,
                              remove_columns=_columns_to_drop(rows), desc=f"Tokenizing {split}",
                              new_fingerprint=fingerprint)
+        check_fits_model(hp.max_length, limit, tokenized["length"], split, hp.longer_than_model, hp.packing)
         report, kept = build_report(split, tokenized["issues"], tokenized["issue_details"], tokenized["truncated"],
                                     tokenized["num_loss_tokens"], hp.truncation,
                                     {key: hp[key] for key in self._POLICY_KEYS})
@@ -341,7 +356,8 @@ class SFTDataModule(L.LightningDataModule):
         """
         hp = self.hparams
         if self.dataset_mixture is None:
-            return load_split(hp.dataset_name, split, hp.dataset_config, hp.data_files)
+            return load_split(hp.dataset_name, split, hp.dataset_config, hp.data_files,
+                              train_split=hp.dataset_train_split, test_split_size=hp.test_split_size, seed=hp.seed)
         if self._mixture_splits is None:
             if hp.dataset_name is not None:
                 rank_zero_info(f"data.dataset_mixture is set: data.dataset_name={hp.dataset_name!r} is not used")
