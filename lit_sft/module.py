@@ -102,10 +102,6 @@ class SFTModule(L.LightningModule):
         check_ranges("model", locals())
         if model_name_or_path is None and not (model_config or {}).get("model_type"):
             raise ValueError("set model.model_name_or_path, or model.model_config with a 'model_type' key")
-        if not (gradient_checkpointing_layers in ("all", "auto") or
-                (isinstance(gradient_checkpointing_layers, int) and gradient_checkpointing_layers >= 0)):
-            raise ValueError(f"model.gradient_checkpointing_layers={gradient_checkpointing_layers!r}: use all, auto or a "
-                             "number of decoder layers >= 0")
         if lr_scheduler_kwargs is None:
             lr_scheduler_kwargs = {"min_lr_rate": 0.1} if lr_scheduler_type == "cosine_with_min_lr" else {}
         check_scheduler(lr_scheduler_type, lr_scheduler_kwargs)

@@ -45,6 +45,7 @@ class Range:
     low_open: bool = False
     high_open: bool = False
     hint: str = ""
+    words: tuple[str, ...] = ()  # string values the key also accepts (``gradient_checkpointing_layers: auto``)
 
     def contains(self, value: float) -> bool:
         if isinstance(value, float) and not math.isfinite(value):
@@ -72,8 +73,8 @@ class Range:
         return float("nan")
 
 
-def at_least(low: float, hint: str = "") -> Range:
-    return Range(low=low, hint=hint)
+def at_least(low: float, hint: str = "", words: tuple[str, ...] = ()) -> Range:
+    return Range(low=low, hint=hint, words=words)
 
 
 def greater_than(low: float, hint: str = "") -> Range:
@@ -98,6 +99,8 @@ RANGES: dict[str, dict[str, Range]] = {
         "max_grad_norm": at_least(0, hint="0 or null: no clipping; a negative norm flips the gradient"),
         "loss_chunk_size": at_least(1, hint="positions per chunk of the cross-entropy"),
         "mfu_peak_tflops": greater_than(0, hint="null: the device's datasheet peak"),
+        "gradient_checkpointing_layers": at_least(0, words=("all", "auto"),
+                                                  hint="decoder layers that recompute; all, auto or a count"),
         "max_nonfinite_steps": at_least(0, hint="0: stop at the first non-finite loss or gradient norm"),
     },
     "data": {  # SFTDataModule.__init__
@@ -135,8 +138,11 @@ def check_ranges(section: str, values: Mapping[str, Any]) -> None:
         if key not in values or values[key] is None:
             continue
         value = values[key]
+        if isinstance(value, str) and value in valid.words:
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{section}.{key}={value!r} must be a number")
+            also = f" or one of {list(valid.words)}" if valid.words else ""
+            raise InputError(f"{section}.{key}={value!r} must be a number{also}")
         if not valid.contains(value):
             hint = f" ({valid.hint})" if valid.hint else ""
             raise InputError(f"{section}.{key}={value!r} is out of range: must be {valid.describe()}{hint}")
