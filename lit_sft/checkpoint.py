@@ -132,7 +132,8 @@ class SFTCheckpoint(ModelCheckpoint):
                 self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
         finally:
             self._in_train_end = False
-        self.write_finished(trainer)
+        if not any(getattr(callback, "export_failed", False) for callback in trainer.callbacks):
+            self.write_finished(trainer)  # an export that failed is redone by the rerun (lit_sft.cli: _check_finished)
 
     def write_finished(self, trainer: L.Trainer) -> None:
         """Record (global rank 0) that the run finished at the checkpoint of this step and was exported."""

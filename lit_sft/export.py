@@ -444,6 +444,12 @@ class HFExport(L.Callback):
         if self.push_to_hub and trainer.is_global_zero:
             push_folder(self.output_dir, self.hub_model_id, self.hub_private_repo, blocking=True)
 
+    @property
+    def export_failed(self) -> bool:
+        """Whether the end-of-training export failed (its error is raised in :meth:`on_fit_end`); the checkpoint
+        callback then does not record the run as finished, so a rerun exports again."""
+        return self._error is not None
+
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self._error is None:
             return

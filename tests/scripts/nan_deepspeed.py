@@ -38,10 +38,10 @@ class NaNLoss(SFTModule):
     nan_steps: list[int] = []
 
     def loss_sums(self, batch):
-        loss_sum, tokens, correct = super().loss_sums(batch)
+        sums = super().loss_sums(batch)
         if self.training and self.trainer.global_step + 1 in self.nan_steps:
-            loss_sum = loss_sum * float("nan")
-        return loss_sum, tokens, correct
+            sums = sums._replace(loss_sum=sums.loss_sum * float("nan"))
+        return sums
 
 
 class Record(L.Callback):
