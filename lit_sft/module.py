@@ -348,10 +348,12 @@ class SFTModule(L.LightningModule):
     # -- evaluation ----------------------------------------------------------------------------------------------
     def configure_callbacks(self) -> list[L.Callback]:
         """The loop's defaults when the trainer has none of its own: :class:`lit_sft.evaluation.SFTEvaluation`
-        (validation only between optimizer steps, scheduled in optimizer steps) and, in place of Lightning's stock
+        (validation only between optimizer steps, scheduled in optimizer steps), :class:`lit_sft.loss_curve.LossCurve`
+        (the loss history kept in checkpoints, ``loss.png``) and, in place of Lightning's stock
         progress bar (which counts micro-batches), :class:`lit_sft.progress.SFTProgressBar` (optimizer steps)."""
         from lit_sft.console import quiet_known_noise
         from lit_sft.evaluation import SFTEvaluation
+        from lit_sft.loss_curve import LossCurve
         from lit_sft.progress import replace_stock_progress_bar
 
         quiet_known_noise()  # again: a warnings.catch_warnings() block around lit_sft's import may have reset it
@@ -359,6 +361,8 @@ class SFTModule(L.LightningModule):
         callbacks: list[L.Callback] = []
         if not any(isinstance(c, SFTEvaluation) for c in trainer.callbacks):
             callbacks.append(SFTEvaluation())
+        if not any(isinstance(c, LossCurve) for c in trainer.callbacks):
+            callbacks.append(LossCurve())
         callbacks += replace_stock_progress_bar(trainer)
         return callbacks
 

@@ -452,7 +452,8 @@ class SFTDataModule(L.LightningDataModule):
         hp = self.hparams
         return {"seed": hp.seed, "per_device_train_batch_size": hp.per_device_train_batch_size,
                 "gradient_accumulation_steps": hp.gradient_accumulation_steps, "world_size": self.world_size,
-                "rows_per_step": hp.per_device_train_batch_size * hp.gradient_accumulation_steps * self.world_size}
+                "rows_per_step": hp.per_device_train_batch_size * hp.gradient_accumulation_steps * self.world_size,
+                "preprocessing_report": self.preprocessing_report}  # for the model card of `lit_sft export`
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         mine = self.state_dict()
