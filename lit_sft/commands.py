@@ -1,4 +1,5 @@
-"""lit_sft's own commands next to LightningCLI's ``fit``: ``lit_sft export`` (Hugging Face folder from a checkpoint).
+"""lit_sft's own commands next to LightningCLI's ``fit``: ``lit_sft export`` (Hugging Face folder from a checkpoint),
+``lit_sft preview`` (the label inspector, ``lit_sft/preview.py``).
 
 ``lit_sft fit`` runs a Trainer loop through LightningCLI. A command here works around a run without one: it reads
 the same config as ``fit`` (``--config`` files as ``fit --print_config`` prints them or as the run saved them in
@@ -51,7 +52,31 @@ def export(config: Any, ckpt_path: Optional[str] = None) -> None:
                       run.export_format)
 
 
-COMMANDS: dict[str, Callable[..., None]] = {"export": export}
+def preview(config: Any, rows: int = 3, tokens: bool = False, color: Optional[bool] = None) -> None:
+    """Show what a config trains on: rows with supervised tokens marked, the preprocessing report, lengths, the plan.
+
+    The data module of ``data:`` tokenizes the training split (and the test split with ``data.do_eval``) exactly as
+    ``fit`` does; see ``lit_sft/preview.py``. Written to standard output.
+
+    Args:
+        config: the run's config (``data:``, and ``trainer:`` for the device count and the run length).
+        rows: training rows to print, the first ones kept.
+        tokens: print every token as ``piece(label, id)`` (Axolotl's ``--debug`` format) instead of decoded spans.
+        color: ANSI colours (supervised green, masked dimmed); default: when standard output is a terminal and
+            ``NO_COLOR`` is unset; otherwise supervised spans are marked ``⟦...⟧``.
+    """
+    import sys
+
+    from lit_sft.preview import preview_text, use_color
+
+    datamodule = SFTDataModule(**config.data.as_dict())
+    datamodule.setup("fit")
+    trainer = config.trainer.as_dict() if config.get("trainer") is not None else {}
+    sys.stdout.write(preview_text(datamodule, rows, use_color(color), tokens, trainer))
+    sys.stdout.flush()
+
+
+COMMANDS: dict[str, Callable[..., None]] = {"export": export, "preview": preview}
 
 
 def commands_help() -> str:
