@@ -109,8 +109,9 @@ def chat(config: Any, prompt: Optional[str] = None, system: Optional[str] = None
     else:
         folder = model_dir or default_model_dir(config.run.output_dir)
         if folder is None:
-            raise FileNotFoundError(f"no model to chat with: run.output_dir={config.run.output_dir!r} holds no exported "
-                                    "model; pass --model_dir FOLDER, --ckpt_path CHECKPOINT, or the run's --config")
+            raise FileNotFoundError(f"no model to chat with: run.output_dir={config.run.output_dir!r} holds no "
+                                    "exported model; pass --model_dir FOLDER, --ckpt_path CHECKPOINT, or the run's "
+                                    "--config")
         model, tokenizer = load_folder(folder, where)
     session = Chat(model, tokenizer, system, max_new_tokens, do_sample, where)
     streamed = sys.stdout.isatty() if stream is None else stream
