@@ -409,9 +409,10 @@ class SFTModule(L.LightningModule):
         fitting = self.trainer.state.fn == "fit"
         if fitting:
             self.log("val/loss", value, prog_bar=True, logger=False, sync_dist=False)
-        else:  # Lightning's results table and return value; no logger needed (lit_sft validate has none)
+        else:  # Lightning's results table and return value (already reduced; lit_sft validate has no logger)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r"You called `self.log\('val/.*no logger configured")
+                warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/.*sync_dist")
                 for key in ("val/loss", "val/token_accuracy", "val/num_loss_tokens"):
                     self.log(key, results[key], prog_bar=key == "val/loss", logger=True, sync_dist=False)
         if fitting and not self.trainer.sanity_checking:

@@ -60,7 +60,10 @@ class CheckpointWeights(Callback):
         from lit_sft.export import checkpoint_state_dict
 
         state, self.global_step = checkpoint_state_dict(self.ckpt_path)
-        pl_module.configure_model()  # idempotent: Lightning's own call then finds the model built
+        strategy = trainer.strategy  # the contexts Lightning builds the model in (ZeRO-3: deepspeed.zero.Init)
+        with strategy.tensor_init_context(), strategy.model_sharded_context(), \
+                trainer.precision_plugin.module_init_context():
+            pl_module.configure_model()  # idempotent: Lightning's own call then finds the model built
         load_full_state_dict(pl_module.model, state)
 
 

@@ -110,20 +110,27 @@ def test_checkpoint_matches_plain_transformers(setup):
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_same_numbers(setup):
-    """``lit_sft validate --trainer.devices 2 --trainer.strategy ddp`` (gloo): 5 rows over 2 ranks, the token mean
-    over all of them."""
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_two_processes_give_the_same_numbers(setup, strategy):
+    """``lit_sft validate --trainer.devices 2`` (gloo): 5 rows over 2 ranks, the token mean over all of them; with
+    DDP, and with DeepSpeed ZeRO-3 with partitioned parameters (the checkpoint's weights go into the shards)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(setup["folder"], dtype=torch.float32)
     state = torch.load(setup["ckpt"], weights_only=False)["state_dict"]
     model.load_state_dict({k[len("model."):]: v for k, v in state.items()})
     expected = _reference(model, setup["data"])
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    tests = os.path.join(ROOT, "tests")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, tests, os.environ.get("PYTHONPATH", "")])}
+    flags = (["--trainer.strategy", "ddp"] if strategy == "ddp" else
+             ["--trainer.strategy", "cpu_deepspeed.CPUDeepSpeedStrategy", "--trainer.strategy.zero_stage", "3",
+              "--trainer.strategy.zero3_partition_parameters", "true"])
     done = subprocess.run([sys.executable, "-m", "lit_sft.cli", "validate", "--config", setup["config"], "--ckpt_path",
-                           setup["ckpt"], "--trainer.devices", "2", "--trainer.strategy", "ddp"],
+                           setup["ckpt"], "--trainer.devices", "2", *flags],
                           cwd=str(setup["tmp"]), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    if strategy == "zero3":
+        assert "parameters, gradients and optimizer states partitioned" in done.stderr
     found = re.search(r"val/loss (\S+), val/token_accuracy (\S+) over (\d+) supervised tokens", done.stderr)
     assert found, done.stderr[-3000:]
     _check({"val/loss": float(found.group(1)), "val/token_accuracy": float(found.group(2)),
