@@ -185,6 +185,8 @@ def preview_text(datamodule: Any, rows: int = 3, color: bool = False, tokens: bo
     bold = (lambda s: f"\033[1m{s}{_RESET}") if color else (lambda s: s)
     legend = (f"{_GREEN}supervised{_RESET} / {_DIM}masked (-100){_RESET}" if color
               else f"{OPEN}supervised{CLOSE}, the rest masked (-100)")
+    if tokens:
+        legend = "each token as piece(label, id), label -100 where masked" + (f": {legend}" if color else "")
     out = [bold(f"== {min(rows, len(train))} of {len(train)} training rows ({legend}; "
                 f"assistant_only_loss={hp.assistant_only_loss}) ==")]
     for i in range(min(rows, len(train))):

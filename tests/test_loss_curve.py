@@ -1,7 +1,8 @@
 """The loss curve (``lit_sft/loss_curve.py``) and the model card that shows it (``lit_sft/export.py``).
 
-* The embedded default (``configs/tiny_cpu.yaml``, a few steps) writes ``loss.png`` next to the model and a model
-  card that links it and holds the preprocessing report (issue 12's acceptance point).
+* The embedded default (``configs/tiny_cpu.yaml``) writes ``loss.png`` next to the model and a model card that links
+  it and holds the preprocessing report (issue 12's acceptance point): ``tests/test_cli.py::
+  test_tiny_config_end_to_end`` checks it on the run it already makes.
 * The history behind the curve is the run's own: every optimizer step's ``train/loss`` and learning rate, and every
   evaluation's ``val/loss``, equal to what the CSV logger recorded, and it survives a kill and a resume (the
   checkpoint carries it); ``lit_sft export`` from the checkpoint draws the same curve.
@@ -29,25 +30,6 @@ def _png_size(path) -> tuple[int, int]:
         assert f.read(8) == PNG_MAGIC
     with Image.open(path) as image:
         return image.size
-
-
-@pytest.mark.slow
-def test_embedded_default_model_card_holds_loss_curve_and_preprocessing_report(tmp_path, monkeypatch):
-    """``lit_sft fit --config configs/tiny_cpu.yaml`` (3 optimizer steps on 48 rows, from the repository root): the
-    folder holds ``loss.png`` and its ``README.md`` links it and reports the train split's preprocessing."""
-    from lit_sft.cli import main
-
-    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = tmp_path / "tiny"
-    main(["fit", "--config", "configs/tiny_cpu.yaml", "--data.max_train_samples", "48", "--trainer.max_steps", "3",
-          "--trainer.enable_progress_bar", "false", "--run.output_dir", str(out)])
-    card = (out / "README.md").read_text()
-    assert "![Training loss per optimizer step, evaluation loss and learning rate](loss.png)" in card
-    width, height = _png_size(out / "loss.png")
-    assert width >= 400 and height >= 200
-    assert "## Preprocessing report" in card and "### train" in card
-    assert "48 rows, 48 kept, 0 dropped (max_length=512, format messages)." in card
-    assert "| learning_rate | 0.003 |" in card  # the hyper-parameters stay
 
 
 def _config(tmp_path, **run) -> dict:

@@ -154,9 +154,12 @@ def test_preview_reports_preprocessing_lengths_and_the_plan(capsys, tmp_path):
     assert f"supervised tokens per step (num_items_in_batch): mean {total}, min {total}, max {total}" in text
 
 
-def test_preview_is_listed_in_help(capsys):
+def test_commands_are_listed_in_help(capsys):
     from lit_sft.cli import main
 
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "preview: Show what a config trains on" in capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())
+    for listed in ("preview: Show what a config trains on", "chat: Talk to the trained model", "{fit,validate}",
+                   "export: Write the Hugging Face folder"):
+        assert listed in text
