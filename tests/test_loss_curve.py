@@ -85,6 +85,7 @@ def test_history_is_the_runs_and_survives_a_kill_and_resume(tmp_path, monkeypatc
         assert loss == pytest.approx(csv[step][TRAIN_LOSS], rel=1e-12)
         assert lr == pytest.approx(csv[step][LEARNING_RATE], rel=1e-12)
     assert [s for s, _ in history.evals] == [2, 4]
+    assert all(0 <= csv[step]["val/token_accuracy"] <= 1 for step in (2, 4))  # logged with val/loss during fit
     for step, loss in history.evals:
         assert loss == pytest.approx(csv[step][EVAL_LOSS], rel=1e-6)  # the progress-bar value is float32
 
