@@ -159,13 +159,12 @@ def model_card(module: L.LightningModule, datamodule: Any, metrics: dict[str, fl
     """A model card (``README.md``) with hub metadata, the recipe's hyper-parameters, the loss curve (``loss_curve``:
     the image's path relative to the folder, :mod:`lit_sft.loss_curve`), final loss, the preprocessing report
     (``datamodule.preprocessing_report``, a table per split) and versions."""
-    from lit_sft.data.report import report_markdown
-
     import huggingface_hub
     import transformers
     from huggingface_hub import ModelCardData
 
     import lit_sft
+    from lit_sft.data.report import report_markdown
 
     mh, dh = dict(module.hparams), dict(getattr(datamodule, "hparams", {}) or {})
     report = getattr(datamodule, "preprocessing_report", None)
