@@ -180,7 +180,7 @@ class SFTCLI(LightningCLI):
         check_run_args(dict(config.run))
         if config.data.tokenizer_name_or_path is None:
             config.data.tokenizer_name_or_path = config.model.model_name_or_path
-        if config.run.eval_strategy in ("steps", "epoch"):
+        if config.run.eval_strategy in ("steps", "epoch") or self.subcommand == "validate":
             config.data.do_eval = True
         level = getattr(logging, config.run.log_level.upper())
         for name in ("lit_sft", "lightning.pytorch"):
@@ -191,6 +191,11 @@ class SFTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         args = self._run()
         out = args["output_dir"]
+        if self.subcommand == "validate":  # reads a model; writes no checkpoint, log, config or export of the run
+            self.save_config_callback = None
+            if self._get(self.config_init, "trainer.logger") in (None, True):
+                kwargs["logger"] = False
+            return super().instantiate_trainer(enable_checkpointing=False, **kwargs)
         callbacks = list(kwargs.pop("callbacks", None) or self._get(self.config_init, "trainer.callbacks") or [])
         if args["save_strategy"] != "no":
             steps = args["save_strategy"] == "steps"
@@ -267,8 +272,15 @@ class SFTCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """Only ``fit``: SFTModule defines no test or predict step, and evaluation runs inside ``fit``."""
-        return {"fit": LightningCLI.subcommands()["fit"]}
+        """``fit`` and ``validate`` (``lit_sft/validate.py``): SFTModule defines no test or predict step."""
+        return {name: LightningCLI.subcommands()[name] for name in ("fit", "validate")}
+
+    def validate(self, model: SFTModule, datamodule: Any = None, ckpt_path: Optional[str] = None,
+                 verbose: bool = True, **kwargs: Any) -> None:
+        """``lit_sft validate``: see :func:`lit_sft.validate.validate` (a checkpoint's weights under any strategy)."""
+        from lit_sft.validate import validate
+
+        validate(self.trainer, model, datamodule, ckpt_path, verbose)
 
     def before_fit(self) -> None:
         args, fit = self._run(), self.config_init["fit"]

@@ -1,4 +1,5 @@
-"""lit_sft's own commands next to LightningCLI's ``fit``: ``lit_sft export`` (Hugging Face folder from a checkpoint).
+"""lit_sft's own commands next to LightningCLI's ``fit``: ``lit_sft export`` (Hugging Face folder from a checkpoint),
+``lit_sft preview`` (the label inspector, ``lit_sft/preview.py``), ``lit_sft chat`` (``lit_sft/chat.py``).
 
 ``lit_sft fit`` runs a Trainer loop through LightningCLI. A command here works around a run without one: it reads
 the same config as ``fit`` (``--config`` files as ``fit --print_config`` prints them or as the run saved them in
@@ -51,7 +52,79 @@ def export(config: Any, ckpt_path: Optional[str] = None) -> None:
                       run.export_format)
 
 
-COMMANDS: dict[str, Callable[..., None]] = {"export": export}
+def preview(config: Any, rows: int = 3, tokens: bool = False, color: Optional[bool] = None) -> None:
+    """Show what a config trains on: rows with supervised tokens marked, the preprocessing report, lengths, the plan.
+
+    The data module of ``data:`` tokenizes the training split (and the test split with ``data.do_eval``) exactly as
+    ``fit`` does; see ``lit_sft/preview.py``. Written to standard output.
+
+    Args:
+        config: the run's config (``data:``, and ``trainer:`` for the device count and the run length).
+        rows: training rows to print, the first ones kept.
+        tokens: print every token as ``piece(label, id)`` (Axolotl's ``--debug`` format) instead of decoded spans.
+        color: ANSI colours (supervised green, masked dimmed); default: when standard output is a terminal and
+            ``NO_COLOR`` is unset; otherwise supervised spans are marked ``⟦...⟧``.
+    """
+    import sys
+
+    from lit_sft.preview import preview_text, use_color
+
+    datamodule = SFTDataModule(**config.data.as_dict())
+    datamodule.setup("fit")
+    trainer = config.trainer.as_dict() if config.get("trainer") is not None else {}
+    sys.stdout.write(preview_text(datamodule, rows, use_color(color), tokens, trainer))
+    sys.stdout.flush()
+
+
+def chat(config: Any, prompt: Optional[str] = None, system: Optional[str] = None, max_new_tokens: int = 512,
+         device: str = "auto", do_sample: Optional[bool] = None, stream: Optional[bool] = None,
+         model_dir: Optional[str] = None, ckpt_path: Optional[str] = None) -> None:
+    """Talk to the trained model with its chat template (one answer with --prompt, else a conversation).
+
+    The model: ``--ckpt_path`` (a checkpoint, in the architecture of ``model:``, with ``data:``'s tokenizer), else
+    ``--model_dir`` (a Hugging Face folder or hub id), else the run's export in ``run.output_dir``. Generation stops
+    at the generation config's EOS (``<|im_end|>``) or after ``max_new_tokens``. See ``lit_sft/chat.py``.
+
+    Args:
+        config: the run's config (``run.output_dir``; ``model:`` and ``data:`` with ``--ckpt_path``).
+        prompt: answer this one user message, print the answer and exit.
+        system: a system message at the start of the conversation.
+        max_new_tokens: the most tokens one answer may have.
+        device: ``auto`` (the first GPU if any, else the CPU), ``cpu``, ``cuda``, ``cuda:1``, ...
+        do_sample: sample (``true``) or decode greedily (``false``); default: the generation config's choice.
+        stream: print the answer token by token; default: when standard output is a terminal.
+        model_dir: a Hugging Face folder (an export) or hub id to chat with.
+        ckpt_path: a ``step-NNNNNN.ckpt`` file or DeepSpeed checkpoint folder to chat with.
+
+    Raises:
+        FileNotFoundError: no model to chat with (none of the three given or found).
+    """
+    import sys
+
+    from lit_sft.chat import Chat, default_model_dir, interactive, load_checkpoint, load_folder, resolve_device
+
+    where = resolve_device(device)
+    if ckpt_path:
+        model, tokenizer = load_checkpoint(ckpt_path, config.model.as_dict(), config.data.as_dict())
+    else:
+        folder = model_dir or default_model_dir(config.run.output_dir)
+        if folder is None:
+            raise FileNotFoundError(f"no model to chat with: run.output_dir={config.run.output_dir!r} holds no "
+                                    "exported model; pass --model_dir FOLDER, --ckpt_path CHECKPOINT, or the run's "
+                                    "--config")
+        model, tokenizer = load_folder(folder, where)
+    session = Chat(model, tokenizer, system, max_new_tokens, do_sample, where)
+    streamed = sys.stdout.isatty() if stream is None else stream
+    if prompt is not None:
+        answer = session.reply(prompt, sys.stdout if streamed else None)
+        if not streamed:
+            sys.stdout.write(answer + "\n")
+        sys.stdout.flush()
+        return
+    interactive(session, streamed)
+
+
+COMMANDS: dict[str, Callable[..., None]] = {"export": export, "preview": preview, "chat": chat}
 
 
 def commands_help() -> str:

@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_sft.export_compat import FORMATS, transformers4_config_keys, write_compatible_keys
 from lit_sft.guard import NonFiniteError, nonfinite_tensors
+from lit_sft.loss_curve import find_loss_curve, write_loss_curve
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +154,20 @@ def check_export(output_dir: str, model: Any, tokenizer: Any, dtype: Optional[to
     return changes
 
 
-def model_card(module: L.LightningModule, datamodule: Any, metrics: dict[str, float]) -> str:
-    """A model card (``README.md``) with hub metadata, the recipe's hyper-parameters, final loss and versions."""
+def model_card(module: L.LightningModule, datamodule: Any, metrics: dict[str, float],
+               loss_curve: Optional[str] = None) -> str:
+    """A model card (``README.md``) with hub metadata, the recipe's hyper-parameters, the loss curve (``loss_curve``:
+    the image's path relative to the folder, :mod:`lit_sft.loss_curve`), final loss, the preprocessing report
+    (``datamodule.preprocessing_report``, a table per split) and versions."""
     import huggingface_hub
     import transformers
     from huggingface_hub import ModelCardData
 
     import lit_sft
+    from lit_sft.data.report import report_markdown
 
     mh, dh = dict(module.hparams), dict(getattr(datamodule, "hparams", {}) or {})
+    report = getattr(datamodule, "preprocessing_report", None)
     base = mh.get("model_name_or_path")
     mixture = dh.get("dataset_mixture")  # data.dataset_mixture replaces data.dataset_name
     datasets = list(dict.fromkeys(s["id"] for s in mixture["datasets"])) if mixture else [dh.get("dataset_name")]
@@ -197,6 +203,9 @@ def model_card(module: L.LightningModule, datamodule: Any, metrics: dict[str, fl
         f"- optimizer steps: {int(metrics.get('global_step', 0))}",
         (f"- final training loss (token mean of the last step): {metrics['train/loss']:.4f}" if "train/loss" in metrics
          else f"- exported from the checkpoint `{metrics.get('checkpoint')}` with `lit_sft export`"), "",
+        *([f"![Training loss per optimizer step, evaluation loss and learning rate]({loss_curve})", ""]
+          if loss_curve else []),
+        *(["## Preprocessing report", "", *report_markdown(report, dh.get("max_length"))] if report else []),
         "## Framework versions", "", *[f"- {k}: {v}" for k, v in versions.items()], "",
     ])
     return f"---\n{data.to_yaml()}\n---\n\n{body}"
@@ -282,6 +291,8 @@ def export_checkpoint(ckpt_path: str, output_dir: str, model_hparams: dict[str, 
     """
     from types import SimpleNamespace
 
+    from lit_sft.checkpoint_io import read_checkpoint
+    from lit_sft.loss_curve import history_from_checkpoint
     from lit_sft.modeling import build_causal_lm
     from lit_sft.module import SFTModule
 
@@ -295,8 +306,11 @@ def export_checkpoint(ckpt_path: str, output_dir: str, model_hparams: dict[str, 
     changes = check_export(output_dir, module.model, tokenizer, dtype, export_format)
     if changes:
         rank_zero_warn("generation_config.json normalised for the export: " + "; ".join(changes))
-    card = model_card(module, SimpleNamespace(hparams=dict(data_hparams or {})),
-                      {"global_step": step, "checkpoint": os.path.basename(os.path.normpath(ckpt_path))})
+    saved = read_checkpoint(ckpt_path)  # the loss history and the preprocessing report, as the run saved them
+    curve = write_loss_curve(history_from_checkpoint(saved, ckpt_path), output_dir)
+    report = (saved.get("SFTDataModule") or {}).get("preprocessing_report")
+    card = model_card(module, SimpleNamespace(hparams=dict(data_hparams or {}), preprocessing_report=report),
+                      {"global_step": step, "checkpoint": os.path.basename(os.path.normpath(ckpt_path))}, curve)
     weights = {k: v.detach() for k, v in module.model.state_dict().items()}
     save_hf_folder(output_dir, module.model, weights, tokenizer, card, dtype, export_format)
     rank_zero_info(f"Hugging Face model written to {output_dir} from {ckpt_path} (optimizer step {step})")
@@ -409,7 +423,8 @@ class HFExport(L.Callback):
             if trainer.is_global_zero:
                 metrics = dict(getattr(module, "last_step_metrics", {}) or {})
                 metrics["global_step"] = trainer.global_step
-                card = model_card(module, trainer.datamodule, metrics)
+                curve = write_loss_curve(find_loss_curve(trainer), self.output_dir)
+                card = model_card(module, trainer.datamodule, metrics, curve)
                 save_hf_folder(self.output_dir, module.model, state_dict, trainer.datamodule.tokenizer, card,
                                self.export_dtype, self.export_format)
                 rank_zero_info(f"Hugging Face model written to {self.output_dir}")

@@ -346,10 +346,12 @@ class SFTModule(L.LightningModule):
     # -- evaluation ----------------------------------------------------------------------------------------------
     def configure_callbacks(self) -> list[L.Callback]:
         """The loop's defaults when the trainer has none of its own: :class:`lit_sft.evaluation.SFTEvaluation`
-        (validation only between optimizer steps, scheduled in optimizer steps) and, in place of Lightning's stock
+        (validation only between optimizer steps, scheduled in optimizer steps), :class:`lit_sft.loss_curve.LossCurve`
+        (the loss history kept in checkpoints, ``loss.png``) and, in place of Lightning's stock
         progress bar (which counts micro-batches), :class:`lit_sft.progress.SFTProgressBar` (optimizer steps)."""
         from lit_sft.console import quiet_known_noise
         from lit_sft.evaluation import SFTEvaluation
+        from lit_sft.loss_curve import LossCurve
         from lit_sft.progress import replace_stock_progress_bar
 
         quiet_known_noise()  # again: a warnings.catch_warnings() block around lit_sft's import may have reset it
@@ -357,6 +359,8 @@ class SFTModule(L.LightningModule):
         callbacks: list[L.Callback] = []
         if not any(isinstance(c, SFTEvaluation) for c in trainer.callbacks):
             callbacks.append(SFTEvaluation())
+        if not any(isinstance(c, LossCurve) for c in trainer.callbacks):
+            callbacks.append(LossCurve())
         callbacks += replace_stock_progress_bar(trainer)
         return callbacks
 
@@ -374,25 +378,44 @@ class SFTModule(L.LightningModule):
                 "(run.eval_strategy / run.eval_steps), not with trainer.val_check_interval")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss_sum, num_loss_tokens, *_ = self.loss_sums(batch)
-        sums = torch.stack([loss_sum.detach().double(), num_loss_tokens.double()])
+        loss_sum, num_loss_tokens, num_correct, *_ = self.loss_sums(batch)
+        if num_correct is None:  # a loss path without logits: no accuracy (every rank takes the same path)
+            self._val_accuracy = False
+        correct = num_correct.double() if num_correct is not None else torch.zeros((), dtype=torch.float64,
+                                                                                   device=loss_sum.device)
+        sums = torch.stack([loss_sum.detach().double(), num_loss_tokens.double(), correct.to(loss_sum.device)])
         self._val_sums = sums if self._val_sums is None else self._val_sums + sums
 
     def on_validation_epoch_end(self) -> None:
         """``val/loss``: summed token loss over summed supervised tokens of the whole evaluation set, all ranks
-        together (one all-reduce; every rank gets the same value). Shown in the progress bar and given to callbacks
-        (``monitor="val/loss"``), and written to the loggers at ``step = global_step`` (optimizer steps), like the
-        training metrics."""
-        sums = self._val_sums if self._val_sums is not None else torch.zeros(2, dtype=torch.float64, device=self.device)
+        together (one all-reduce; every rank gets the same value); ``val/token_accuracy``: the share of those tokens
+        the argmax predicts (``nan`` without logits, e.g. Liger's fused loss). ``val/loss`` is shown in the progress
+        bar and given to callbacks (``monitor="val/loss"``). During ``fit`` they are written to the loggers at
+        ``step = global_step`` (optimizer steps), like the training metrics; in ``trainer.validate`` (``lit_sft
+        validate``) they are Lightning's logged results (the printed table, the return value). Also kept, as Python
+        floats, in ``validation_results``."""
+        sums = self._val_sums if self._val_sums is not None else torch.zeros(3, dtype=torch.float64, device=self.device)
         self._val_sums = None
-        loss_sum, tokens = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
+        has_accuracy, self._val_accuracy = getattr(self, "_val_accuracy", True), True
+        loss_sum, tokens, correct = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
         if tokens == 0:
             return
         value = loss_sum / tokens
-        self.log("val/loss", value, prog_bar=True, logger=False, sync_dist=False)
-        if not self.trainer.sanity_checking:
+        results = {"val/loss": value, "val/token_accuracy": correct / tokens if has_accuracy else float("nan"),
+                   "val/num_loss_tokens": tokens}
+        self.validation_results = results
+        fitting = self.trainer.state.fn == "fit"
+        if fitting:
+            self.log("val/loss", value, prog_bar=True, logger=False, sync_dist=False)
+        else:  # Lightning's results table and return value (already reduced; lit_sft validate has no logger)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"You called `self.log\('val/.*no logger configured")
+                warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/.*sync_dist")
+                for key in ("val/loss", "val/token_accuracy", "val/num_loss_tokens"):
+                    self.log(key, results[key], prog_bar=key == "val/loss", logger=True, sync_dist=False)
+        if fitting and not self.trainer.sanity_checking:
             for logger in self.loggers:
-                logger.log_metrics({"val/loss": value, "val/num_loss_tokens": tokens}, step=self.global_step)
+                logger.log_metrics(results, step=self.global_step)
 
     # -- optimizer -----------------------------------------------------------------------------------------------
     def num_training_steps(self) -> int:

@@ -39,3 +39,18 @@ class CPUDeepSpeedStrategy(SFTDeepSpeedStrategy):
             args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
             model_parameters=params, optimizer=optimizer, lr_scheduler=lr_scheduler, dist_init_required=False)
         return engine, ds_optimizer
+
+    def _initialize_deepspeed_inference(self, model: Any) -> None:
+        """Lightning's (``trainer.validate``), with the local rank as ``device_rank`` (``root_device.index`` is
+        ``None`` on CPU)."""
+        import deepspeed
+        from lightning.pytorch.strategies.deepspeed import remove_module_hooks
+
+        config = {"train_micro_batch_size_per_gpu": 1}
+        if self.zero_stage_3:
+            config.update({"zero_allow_untested_optimizer": self.config["zero_allow_untested_optimizer"],
+                           "zero_optimization": self.config["zero_optimization"]})
+        remove_module_hooks(model)
+        self.model, _, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank), config=config, model=model, optimizer=None,
+            lr_scheduler=None, model_parameters=[], dist_init_required=False)

@@ -133,6 +133,14 @@ def test_tiny_config_end_to_end(tmp_path):
     assert os.path.isfile(out / "README.md")
     assert os.path.isfile(out / "logs" / "config.yaml")  # LightningCLI's record of the resolved config
 
+    # The model card holds the loss curve and the preprocessing report (issue 12; tests/test_loss_curve.py).
+    card = (out / "README.md").read_text()
+    assert "![Training loss per optimizer step, evaluation loss and learning rate](loss.png)" in card
+    with open(out / "loss.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "## Preprocessing report" in card
+    assert "64 rows, 64 kept, 0 dropped (max_length=512, format messages)." in card
+
 
 def _write(path, data: dict) -> str:
     path.write_text(yaml.safe_dump(data))

@@ -73,3 +73,21 @@ def test_a_fresh_run_draws_a_new_wandb_id(tmp_path, monkeypatch):
     first = wandb_run_id(str(tmp_path), resuming=False)
     assert wandb_run_id(str(tmp_path), resuming=True) == first
     assert wandb_run_id(str(tmp_path), resuming=False) != first  # a new training in the same output_dir
+
+
+def test_resumed_csv_keeps_columns_the_new_rows_lack(tmp_path):
+    """A resumed run whose first rows lack a column of the earlier ones (``val/loss`` logged before the checkpoint,
+    only training rows after it): Lightning's writer rewrote the file with the new rows' keys alone and failed
+    (``dict contains fields not in fieldnames: 'val/loss'``); the earlier rows must keep their values."""
+    from lit_sft.loggers import build_loggers
+    from sft_helpers import read_metrics_csv
+
+    first, = build_loggers(["csv"], str(tmp_path), None, "unused")
+    first.log_metrics({"train/loss": 2.0}, step=1)
+    first.log_metrics({"val/loss": 1.5}, step=2)
+    first.save()
+    resumed, = build_loggers(["csv"], str(tmp_path), None, "unused", resume_step=2)
+    resumed.log_metrics({"train/loss": 1.0, "train/grad_norm": 0.5}, step=3)
+    resumed.save()
+    assert read_metrics_csv(str(tmp_path / "logs" / "metrics.csv")) == {
+        1: {"train/loss": 2.0}, 2: {"val/loss": 1.5}, 3: {"train/loss": 1.0, "train/grad_norm": 0.5}}

@@ -371,13 +371,13 @@ class SFTDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """With several processes, tokenize once on local rank 0 so that ``datasets`` caches the result for the
         other ranks' ``setup``; a single process tokenizes in ``setup`` only."""
-        if self.trainer is not None and self.trainer.world_size > 1:
+        if self.trainer is not None and self.trainer.world_size > 1 and self.trainer.state.fn != "validate":
             rows = self._tokenize(self.hparams.dataset_train_split)
             if self.hparams.packing:
                 packed_dataset(rows, self.hparams.max_length)
 
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.train_rows is None:
+        if self.train_rows is None and stage != "validate":  # `lit_sft validate` reads the test split only
             self.train_rows = self._tokenize(self.hparams.dataset_train_split)
             self.train_packed = None
             if self.hparams.packing:  # cached by `datasets`: packed once, by local rank 0 in prepare_data
@@ -468,7 +468,8 @@ class SFTDataModule(L.LightningDataModule):
         hp = self.hparams
         return {"seed": hp.seed, "per_device_train_batch_size": hp.per_device_train_batch_size,
                 "gradient_accumulation_steps": hp.gradient_accumulation_steps, "world_size": self.world_size,
-                "rows_per_step": hp.per_device_train_batch_size * hp.gradient_accumulation_steps * self.world_size}
+                "rows_per_step": hp.per_device_train_batch_size * hp.gradient_accumulation_steps * self.world_size,
+                "preprocessing_report": self.preprocessing_report}  # for the model card of `lit_sft export`
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         mine = self.state_dict()

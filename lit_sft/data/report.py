@@ -124,3 +124,25 @@ def report_lines(split: str, report: dict[str, Any], max_length: Optional[int]) 
         lines.append(f"{split}: {cause}: {entry['rows']} row(s), {entry['action']} (e.g. row {entry['example_row']}: "
                      f"{entry['example']})")
     return lines
+
+
+def _cell(value: Any) -> str:
+    """A Markdown table cell: pipes escaped, line breaks flattened, long text cut."""
+    text = " ".join(str(value).split()).replace("|", "\\|")
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def report_markdown(reports: dict[str, dict[str, Any]], max_length: Optional[int]) -> list[str]:
+    """Markdown lines for the model card: per split, the row counts and a table of the causes (rows, action, an
+    example row and its detail). ``reports`` is ``SFTDataModule.preprocessing_report``."""
+    lines: list[str] = []
+    for split, report in reports.items():
+        lines += [f"### {split}", "",
+                  f"{report['rows']} rows, {report['kept']} kept, {report['dropped']} dropped (max_length={max_length}"
+                  f"{', format ' + str(report['format']) if report.get('format') else ''}).", ""]
+        if report["causes"]:
+            lines += ["| cause | rows | action | example row | example |", "|---|---|---|---|---|"]
+            lines += [f"| {cause} | {entry['rows']} | {entry['action']} | {entry['example_row']} | "
+                      f"{_cell(entry['example'])} |" for cause, entry in report["causes"].items()]
+            lines.append("")
+    return lines
