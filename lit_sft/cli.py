@@ -26,6 +26,8 @@ from lit_sft.checkpoint import SFTCheckpoint
 from lit_sft.console import quiet_resumed_checkpoint_dir
 from lit_sft.evaluation import SFTEvaluation
 from lit_sft.checkpoint import FINISHED, SFTCheckpoint, training_done
+from lit_sft.cli_parser import SFTArgumentParser, overview
+from lit_sft.recipe import add_recipe_arguments
 from lit_sft.checkpoint_io import checkpoint_problem, newest_loadable, read_checkpoint
 from lit_sft.export import HFExport
 from lit_sft.loggers import build_loggers
@@ -145,15 +147,19 @@ class SFTCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_function_arguments(run_args, nested_key="run")
+        add_recipe_arguments(parser)  # --recipe / --accelerate_config: open-r1's files as they are
         parser.set_defaults({"trainer.use_distributed_sampler": False})
 
     def init_parser(self, **kwargs: Any) -> Any:
-        """LightningCLI's parser with ``--config`` files that merge dict-valued keys (:class:`OverlayConfigFile`)."""
+        """lit_sft's parser (:class:`lit_sft.cli_parser.SFTArgumentParser`: one-line errors, ``LIT_SFT_*``
+        environment variables) with ``--config`` files that merge dict-valued keys (:class:`OverlayConfigFile`)."""
         kwargs.setdefault("dump_header", [f"lightning.pytorch=={lightning.__version__}"])
-        parser = self.parser_class(**kwargs)
+        parser_class = self.parser_class if issubclass(self.parser_class, SFTArgumentParser) else SFTArgumentParser
+        parser = parser_class(**kwargs)
         parser.add_argument("-c", "--config", action=OverlayConfigFile,
-                            help="Path to a configuration file in json or yaml format; later files update earlier "
-                                 "ones key by key, dict-valued keys included.")
+                            help="Path to a configuration file in json or yaml format (pkg://lit_sft/configs/... names "
+                                 "one shipped with lit_sft); later files update earlier ones key by key, dict-valued "
+                                 "keys included.")
         return parser
 
     def _run(self) -> dict[str, Any]:
@@ -353,14 +359,18 @@ def deepspeed_logs_to_stderr() -> None:
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``lit_sft`` console script."""
     deepspeed_logs_to_stderr()
-    from lit_sft.commands import COMMANDS, commands_help, run_command
+    from lit_sft.commands import COMMANDS, run_command
 
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in COMMANDS:
         run_command(argv[0], argv[1:])
         return
+    fit = {"description": "Train: the recipe's loop (SFTModule on SFTDataModule), checkpoints, and the Hugging Face "
+                          "export at the end. Every key below can also be set in a --config file or as the "
+                          "environment variable after ENV:."}
     SFTCLI(SFTModule, SFTDataModule, args=args, save_config_kwargs={"overwrite": True},
-           auto_configure_optimizers=False, parser_kwargs={"allow_abbrev": False, "epilog": commands_help()})
+           auto_configure_optimizers=False,
+           parser_kwargs={"prog": "lit_sft", "description": overview(COMMANDS, SFTCLI.subcommands()), "fit": fit})
 
 
 if __name__ == "__main__":
