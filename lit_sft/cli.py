@@ -94,8 +94,13 @@ def run_args(
             ``trainer.val_check_interval`` at 1.0 (it counts micro-batches).
         eval_steps: optimizer steps between evaluations with ``eval_strategy: steps``; ``null``: ``logging_steps``
             (``trainer.log_every_n_steps``).
-        push_to_hub, hub_model_id, hub_strategy, hub_private_repo: upload the exported model with huggingface_hub
-            (``every_save``: at every checkpoint and at the end; ``end``: once). A failed upload only warns.
+        push_to_hub: upload the exported model to the Hugging Face Hub with huggingface_hub (token: ``HF_TOKEN`` or
+            ``hf auth login``). A failed upload only warns; the local files stay.
+        hub_model_id: the repository to push to (``user/name``, or ``name`` under your account); required with
+            ``push_to_hub``.
+        hub_strategy: ``every_save``: push at every checkpoint (``save_steps``) and at the end; ``end``: once, at
+            the end.
+        hub_private_repo: create the repository private (``null``: the Hub's default for your account).
         report_to: loggers (recipe: ``wandb``; ``WANDB_MODE=offline`` works without network), ``csv``,
             ``tensorboard``, or ``none``.
         run_name: the run's name in the loggers.

@@ -14,7 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lit_sft.guard import NonFiniteError, nonfinite_step_message
 from lit_sft.data.batch import PADDING_FREE_KEYS, SFTBatch, check_training_batch
 from lit_sft.loss import LossSums, backward_scale, chunked_token_loss_sum, token_sources
-from lit_sft.metrics import StepMetrics, device_peak_flops, matmul_params, training_flops
+from lit_sft.metrics import (EPOCH, EVAL_LOSS, EVAL_LOSS_TOKENS, GRAD_NORM, LEARNING_RATE, LOSS, MFU, TOKENS_PER_S,
+                             StepMetrics, device_peak_flops, matmul_params, training_flops)
 from lit_sft.modeling import (activation_bytes_per_token, apply_liger_kernels, auto_checkpointed_layers,
                               build_causal_lm, count_parameters, decoder_layers, set_checkpointed_layers)
 from lit_sft.optim import adamw, check_scheduler, lr_scheduler
@@ -60,7 +61,9 @@ class SFTModule(L.LightningModule):
             ``{min_lr_rate: 0.1}`` for ``cosine_with_min_lr``, none for other schedules.
         warmup_ratio: share of the optimizer steps spent in linear warmup, rounded up (recipe: 0.05).
         weight_decay: AdamW weight decay on matrices (transformers' default: 0).
-        adam_beta1, adam_beta2, adam_epsilon: AdamW constants (transformers' defaults).
+        adam_beta1: AdamW's beta1 (transformers' default: 0.9).
+        adam_beta2: AdamW's beta2 (transformers' default: 0.999).
+        adam_epsilon: AdamW's epsilon (transformers' default: 1e-8).
         max_grad_norm: clip the global gradient norm to this (transformers' default: 1.0; 0 or ``None``: no clip).
         loss_chunk_size: positions per chunk of the chunked cross-entropy (the path without Liger).
         mfu_peak_tflops: one device's peak TFLOP/s for the MFU metric; default: the device's dense bf16 datasheet
@@ -315,9 +318,9 @@ class SFTModule(L.LightningModule):
             grad_norm = engine.get_global_grad_norm()  # inf when DeepSpeed skipped the step (invalid norm)
             updated = engine.skipped_steps == skipped_before
         metrics = self.step_metrics.reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
-        metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics["train/learning_rate"] = lr
-        metrics["train/epoch"] = self.global_step / self._steps_per_epoch if self._steps_per_epoch else float("nan")
+        metrics[GRAD_NORM] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics[LEARNING_RATE] = lr
+        metrics[EPOCH] = self.global_step / self._steps_per_epoch if self._steps_per_epoch else float("nan")
         norm = None if grad_norm is None or loss_scaled else float(grad_norm)
         finite = math.isfinite(metrics["train/loss"]) and (norm is None or math.isfinite(norm))
         previous = getattr(self, "last_step_metrics", None)
@@ -337,7 +340,7 @@ class SFTModule(L.LightningModule):
         """Show the step's metrics in the progress bar and write them to every logger every
         ``trainer.log_every_n_steps`` optimizer steps, at ``step = global_step``."""
         self.last_step_metrics = metrics
-        shown = ("train/loss", "train/tokens_per_s") + (("train/mfu",) if self.step_metrics.peak_flops else ())
+        shown = (LOSS, TOKENS_PER_S) + ((MFU,) if self.step_metrics.peak_flops else ())
         for key in shown:  # as logged: a non-finite loss shows as nan (MFU only where the device's peak is known)
             self.log(key.split("/")[1], metrics[key], prog_bar=True, logger=False, on_step=True, on_epoch=False)
         every = self.trainer.log_every_n_steps
@@ -381,9 +384,9 @@ class SFTModule(L.LightningModule):
         self._val_sums = sums if self._val_sums is None else self._val_sums + sums
 
     def on_validation_epoch_end(self) -> None:
-        """``val/loss``: summed token loss over summed supervised tokens of the whole evaluation set, all ranks
+        """``eval/loss``: summed token loss over summed supervised tokens of the whole evaluation set, all ranks
         together (one all-reduce; every rank gets the same value). Shown in the progress bar and given to callbacks
-        (``monitor="val/loss"``), and written to the loggers at ``step = global_step`` (optimizer steps), like the
+        (``monitor="eval/loss"``), and written to the loggers at ``step = global_step`` (optimizer steps), like the
         training metrics."""
         sums = self._val_sums if self._val_sums is not None else torch.zeros(2, dtype=torch.float64, device=self.device)
         self._val_sums = None
@@ -391,10 +394,10 @@ class SFTModule(L.LightningModule):
         if tokens == 0:
             return
         value = loss_sum / tokens
-        self.log("val/loss", value, prog_bar=True, logger=False, sync_dist=False)
+        self.log(EVAL_LOSS, value, prog_bar=True, logger=False, sync_dist=False)
         if not self.trainer.sanity_checking:
             for logger in self.loggers:
-                logger.log_metrics({"val/loss": value, "val/num_loss_tokens": tokens}, step=self.global_step)
+                logger.log_metrics({EVAL_LOSS: value, EVAL_LOSS_TOKENS: tokens}, step=self.global_step)
 
     # -- optimizer -----------------------------------------------------------------------------------------------
     def num_training_steps(self) -> int:

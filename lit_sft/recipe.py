@@ -143,8 +143,14 @@ def _map(name: str, value: Any, recipe: dict[str, Any], out: Conversion) -> None
     """Set the lit_sft key(s) of mapped recipe key ``name`` (values converted where the two differ)."""
     target = RECIPE[name].target
     if name == "bf16":
-        if value:
+        if value or (value is None and not recipe.get("fp16")):  # TRL: unset means true unless fp16
             out.set("trainer.precision", "bf16-mixed")
+    elif name in ("torch_dtype", "dtype"):
+        out.set(target, "float32" if value is None else value)  # from_pretrained's default
+    elif name == "attn_implementation":
+        out.set(target, "sdpa" if value is None else value)  # transformers' choice when unset
+    elif name == "output_dir":
+        out.set(target, "trainer_output" if value is None else value)  # transformers 5's default
     elif name == "model_revision":
         out.set(target, value)
         if value not in (None, "main"):
@@ -201,7 +207,9 @@ def _map(name: str, value: Any, recipe: dict[str, Any], out: Conversion) -> None
     elif name == "resume_from_checkpoint":
         auto = value is None or value is True or str(value).lower() == "true"
         out.set(target, "auto" if auto else (None if value is False or str(value).lower() == "false" else value))
-    elif name in ("lr_scheduler_kwargs", "gradient_checkpointing_kwargs"):
+    elif name == "lr_scheduler_kwargs":
+        out.set(target, _json(name, value) or {})
+    elif name == "gradient_checkpointing_kwargs":
         out.set(target, _json(name, value))
     elif name == "wandb_project":
         if value is not None:

@@ -65,8 +65,8 @@ def _i(name: str, default: Any, note: str, accepts: tuple = ()) -> RecipeKey:
     return RecipeKey(name, "ignored", None, default, note, accepts)
 
 
-def _group(policy: Any, names: str, default: Any, note: str, accepts: tuple = ()) -> tuple[RecipeKey, ...]:
-    return tuple(policy(name, default, note, accepts) for name in names.split())
+def _group(policy: Any, defaults: dict[str, Any], note: str, accepts: tuple = ()) -> tuple[RecipeKey, ...]:
+    return tuple(policy(name, default, note, accepts) for name, default in defaults.items())
 
 
 _SPEED = "speed or memory only; lit_sft's own settings apply"
@@ -80,18 +80,18 @@ RECIPE_KEYS: tuple[RecipeKey, ...] = (
     # -- TRL ModelConfig ---------------------------------------------------------------------------------------------
     _m("model_name_or_path", "model.model_name_or_path"),
     _m("model_revision", "model.model_revision", "main", "also the tokenizer's revision, as open-r1's get_tokenizer"),
-    _m("torch_dtype", "model.torch_dtype", "float32", "TRL <= 0.19's name of dtype"),
+    _m("torch_dtype", "model.torch_dtype", None, "TRL <= 0.19's name of dtype; unset: float32"),
     _m("dtype", "model.torch_dtype", "float32"),
-    _m("attn_implementation", "model.attn_implementation", "sdpa",
+    _m("attn_implementation", "model.attn_implementation", None,
        "unset: transformers picks sdpa; flash_attention_2 without flash-attn falls back with a warning"),
     _c("trust_remote_code", False, "lit_sft loads only transformers' own architectures"),
     _c("use_peft", False, "LoRA/PEFT is not in lit_sft: train all weights or use TRL"),
-    *_group(_i, "lora_r lora_alpha lora_dropout lora_target_modules lora_target_parameters lora_modules_to_save "
-                "lora_task_type use_rslora use_dora", None, _LORA, accepts=(16, 32, 0.05, "CAUSAL_LM", False)),
+    *_group(_i, dict(lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target_modules=None,
+                     lora_target_parameters=None, lora_modules_to_save=None, lora_task_type="CAUSAL_LM",
+                     use_rslora=False, use_dora=False), _LORA),
     _c("load_in_8bit", False, "quantized training (bitsandbytes) is not in lit_sft"),
     _c("load_in_4bit", False, "quantized training (bitsandbytes) is not in lit_sft"),
-    *_group(_i, "bnb_4bit_quant_type use_bnb_nested_quant bnb_4bit_quant_storage", None, _QUANT,
-            accepts=("nf4", False)),
+    *_group(_i, dict(bnb_4bit_quant_type="nf4", use_bnb_nested_quant=False, bnb_4bit_quant_storage=None), _QUANT),
     # -- TRL ScriptArguments + open-r1's ------------------------------------------------------------------------------
     _m("dataset_name", "data.dataset_name"),
     _m("dataset_config", "data.dataset_config"),
@@ -141,7 +141,7 @@ RECIPE_KEYS: tuple[RecipeKey, ...] = (
     # -- transformers TrainingArguments: optimization -----------------------------------------------------------------
     _m("learning_rate", "model.learning_rate", 2e-5, "TRL's default 2e-5"),
     _m("lr_scheduler_type", "model.lr_scheduler_type", "linear"),
-    _m("lr_scheduler_kwargs", "model.lr_scheduler_kwargs", {}),
+    _m("lr_scheduler_kwargs", "model.lr_scheduler_kwargs", None, "unset: none ({})"),
     _m("warmup_ratio", "model.warmup_ratio", 0.0, "transformers <= 4.x; transformers 5 takes a ratio in warmup_steps"),
     _m("warmup_steps", "model.warmup_ratio", KEEP, "a value < 1 is a ratio (transformers 5); whole steps: an error"),
     _m("weight_decay", "model.weight_decay", 0.0),
@@ -175,8 +175,8 @@ RECIPE_KEYS: tuple[RecipeKey, ...] = (
     _m("data_seed", "data.seed"),
     _c("dataloader_drop_last", False, "lit_sft trains a short last step (as drop_last: false)"),
     _m("dataloader_num_workers", "data.num_workers", KEEP, "unset: 4 loader workers, as configs/qwen_zero3.yaml"),
-    *_group(_i, "dataloader_pin_memory dataloader_persistent_workers dataloader_prefetch_factor "
-                "dataloader_multiprocessing_context dataloader_in_order", None, _SPEED, accepts=(True, False)),
+    *_group(_i, dict(dataloader_pin_memory=True, dataloader_persistent_workers=False, dataloader_prefetch_factor=None,
+                     dataloader_multiprocessing_context=None, dataloader_in_order=True), _SPEED),
     _i("remove_unused_columns", True, "lit_sft keeps only the columns it reads", accepts=(False,)),
     _c("label_names", None, "lit_sft trains on the labels it builds from the chat template"),
     _c("group_by_length", False, "lit_sft plans micro-batches by compute within a step (the rows of a step are not "
@@ -185,12 +185,12 @@ RECIPE_KEYS: tuple[RecipeKey, ...] = (
     _i("length_column_name", "length", "used only with group_by_length"),
     _c("ignore_data_skip", False, "lit_sft resumes at the next step's rows (exact resume)"),
     # -- precision and hardware ---------------------------------------------------------------------------------------
-    _m("bf16", "trainer.precision", True, "true: bf16-mixed (TRL's default unless fp16)"),
+    _m("bf16", "trainer.precision", None, "true: bf16-mixed; unset: true unless fp16 (TRL's default)"),
     _c("fp16", False, "lit_sft refuses fp16 loss scaling (lit_sft/supported.py): use bf16"),
     _i("bf16_full_eval", False, _EVAL),
     _i("fp16_full_eval", False, _EVAL),
-    *_group(_i, "fp16_opt_level fp16_backend half_precision_backend", None, "fp16 settings; lit_sft trains in bf16",
-            accepts=("O1", "auto")),
+    *_group(_i, dict(fp16_opt_level="O1", fp16_backend="auto", half_precision_backend="auto"),
+            "fp16 settings; lit_sft trains in bf16"),
     _i("tf32", None, "lit_sft leaves PyTorch's float32 matmul precision as is", accepts=(True, False)),
     _m("use_cpu", "trainer.accelerator", KEEP, "true: cpu"),
     _m("no_cuda", "trainer.accelerator", KEEP, "transformers 4's name of use_cpu"),
@@ -199,8 +199,8 @@ RECIPE_KEYS: tuple[RecipeKey, ...] = (
     _i("jit_mode_eval", False, _EVAL),
     _c("tpu_num_cores", None, "TPUs are not supported"),
     _i("tpu_metrics_debug", False, "TPUs are not supported"),
-    *_group(_i, "torch_compile torch_compile_backend torch_compile_mode torchdynamo", None,
-            "lit_sft does not compile the model", accepts=(False,)),
+    *_group(_i, dict(torch_compile=False, torch_compile_backend=None, torch_compile_mode=None, torchdynamo=None),
+            "lit_sft does not compile the model"),
     _i("torch_empty_cache_steps", None, _SPEED),
     _i("use_cache", False, "training never uses the KV cache", accepts=(True,)),
     _i("enable_jit_checkpoint", False, "checkpoints are written at save_steps"),
@@ -212,8 +212,8 @@ RECIPE_KEYS: tuple[RecipeKey, ...] = (
     _c("deepspeed", None, "give the accelerate config (--accelerate_config) or configure trainer.strategy"),
     _c("accelerator_config", None, "lit_sft plans batches itself (split/dispatch/even batches are not used)"),
     _c("parallelism_config", None, "tensor/context/sequence parallelism is not in lit_sft"),
-    *_group(_i, "ddp_find_unused_parameters ddp_bucket_cap_mb ddp_broadcast_buffers ddp_static_graph ddp_backend",
-            None, _SPEED),
+    *_group(_i, dict(ddp_find_unused_parameters=None, ddp_bucket_cap_mb=None, ddp_broadcast_buffers=None,
+                     ddp_static_graph=None, ddp_backend=None), _SPEED),
     _i("ddp_timeout", 1800, "lit_sft uses Lightning's process-group timeout"),
     RecipeKey("local_rank", "launcher", None, -1, "set by the launcher"),
     _i("debug", "", "debug output only", accepts=([],)),
@@ -228,15 +228,15 @@ RECIPE_KEYS: tuple[RecipeKey, ...] = (
     _i("eval_delay", 0, _EVAL),
     _i("eval_accumulation_steps", None, _EVAL),
     _i("eval_on_start", False, _EVAL),
-    *_group(_i, "prediction_loss_only eval_do_concat_batches eval_use_gather_object batch_eval_metrics "
-                "include_inputs_for_metrics include_for_metrics", None, _EVAL, accepts=(True, False, [])),
+    *_group(_i, dict(prediction_loss_only=False, eval_do_concat_batches=True, eval_use_gather_object=False,
+                     batch_eval_metrics=False, include_inputs_for_metrics=False, include_for_metrics=[]), _EVAL),
     _c("load_best_model_at_end", False, "lit_sft exports the last step's weights"),
     _i("metric_for_best_model", None, "used only with load_best_model_at_end"),
     _i("greater_is_better", None, "used only with load_best_model_at_end"),
     # -- output, checkpoints, resume ----------------------------------------------------------------------------------
-    _m("output_dir", "run.output_dir", "trainer_output"),
+    _m("output_dir", "run.output_dir", None, "unset: trainer_output (transformers 5)"),
     _m("overwrite_output_dir", "run.overwrite_output_dir", False),
-    _m("resume_from_checkpoint", "run.resume_from_checkpoint", "auto",
+    _m("resume_from_checkpoint", "run.resume_from_checkpoint", None,
        "unset: the newest checkpoint in output_dir, as open-r1's sft.py"),
     _m("save_strategy", "run.save_strategy", "steps"),
     _m("save_steps", "run.save_steps", 500, "whole optimizer steps (a ratio < 1 is an error)"),
@@ -263,8 +263,8 @@ RECIPE_KEYS: tuple[RecipeKey, ...] = (
     _m("report_to", "run.report_to", "none", "wandb, tensorboard and none kept; others (mlflow, ...) warned and "
                                              "left out"),
     _m("run_name", "run.run_name"),
-    *_group(_i, "project trackio_space_id trackio_bucket_id trackio_static_space_id", None,
-            "trackio is not a lit_sft logger", accepts=("huggingface",)),
+    *_group(_i, dict(project="huggingface", trackio_space_id=None, trackio_bucket_id=None,
+                     trackio_static_space_id=None), "trackio is not a lit_sft logger"),
     _i("use_legacy_prediction_loop", False, _EVAL),
     _i("ray_scope", "last", "hyper-parameter search is not in lit_sft"),
     _i("mp_parameters", "", "SageMaker only"),
@@ -276,7 +276,7 @@ RECIPE_KEYS: tuple[RecipeKey, ...] = (
     _i("hub_token", None, "a token does not belong in a config: set HF_TOKEN or run `hf auth login`"),
     _i("hub_always_push", False, "lit_sft pushes every save with hub_strategy: every_save", accepts=(True,)),
     _i("hub_revision", None, "lit_sft pushes to the main branch", accepts=("main",)),
-    *_group(_i, "push_to_hub_model_id push_to_hub_organization push_to_hub_token", None,
+    *_group(_i, dict(push_to_hub_model_id=None, push_to_hub_organization=None, push_to_hub_token=None),
             "transformers 4's deprecated hub keys: set hub_model_id"),
 )
 
