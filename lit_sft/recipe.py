@@ -207,10 +207,13 @@ def _map(name: str, value: Any, recipe: dict[str, Any], out: Conversion) -> None
     elif name == "resume_from_checkpoint":
         auto = value is None or value is True or str(value).lower() == "true"
         out.set(target, "auto" if auto else (None if value is False or str(value).lower() == "false" else value))
+    elif name in ("gradient_checkpointing", "gradient_checkpointing_kwargs", "activation_checkpointing",
+                  "activation_checkpointing_kwargs"):
+        new = name.replace("gradient_", "activation_")
+        if value is not None and (name == new or recipe.get(new) is None):  # transformers 5: the new name wins
+            out.set(target, _json(name, value))
     elif name == "lr_scheduler_kwargs":
         out.set(target, _json(name, value) or {})
-    elif name == "gradient_checkpointing_kwargs":
-        out.set(target, _json(name, value))
     elif name == "wandb_project":
         if value is not None:
             out.set(target, value)

@@ -159,8 +159,10 @@ RECIPE_KEYS: tuple[RecipeKey, ...] = (
     _m("gradient_accumulation_steps", "data.gradient_accumulation_steps", 1),
     _m("gradient_checkpointing", "model.gradient_checkpointing", True),
     _m("gradient_checkpointing_kwargs", "model.gradient_checkpointing_kwargs"),
-    _c("activation_checkpointing", None, "set gradient_checkpointing"),
-    _c("activation_checkpointing_kwargs", None, "set gradient_checkpointing_kwargs"),
+    _m("activation_checkpointing", "model.gradient_checkpointing", KEEP,
+       "transformers 5's name of gradient_checkpointing; wins over it when set"),
+    _m("activation_checkpointing_kwargs", "model.gradient_checkpointing_kwargs", KEEP,
+       "transformers 5's name of gradient_checkpointing_kwargs; wins over it when set"),
     _m("use_liger_kernel", "model.use_liger_kernel", False),
     _i("liger_kernel_config", None, "lit_sft applies Liger's default kernels"),
     # -- batches, epochs, data loading --------------------------------------------------------------------------------
