@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_sft.data.datamodule import SFTDataModule
+from lit_sft.data.loading import resolve_path
 from lit_sft.checkpoint import SFTCheckpoint
 from lit_sft.console import quiet_resumed_checkpoint_dir
 from lit_sft.evaluation import SFTEvaluation
@@ -137,9 +138,12 @@ class OverlayConfigFile(ActionConfigFile):
     replaced, ``class_path``/``init_args`` merge as jsonargparse already does, and ``key: null`` in a file clears a
     dict (a later file can then set it afresh). A whole value on the command line still replaces
     (``--model.model_config '{...}'``, a section file ``--model model.yaml``), as in jsonargparse.
+    ``pkg://package/path`` names a file inside an installed package (``pkg://lit_sft/configs/tiny_cpu.yaml``).
     """
 
     def __call__(self, parser: Any, cfg: Any, values: Any, option_string: Optional[str] = None) -> None:
+        if isinstance(values, str) and values.startswith("pkg://"):  # a config shipped inside a package
+            values = resolve_path(values)
         before = {key: value for key, value in cfg.items() if isinstance(value, dict)}
         super().__call__(parser, cfg, values, option_string)
         for key, value in list(cfg.items()):

@@ -30,8 +30,8 @@ README_COMMANDS = (
 )
 
 _CONFIG_FILE: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("lit_sft_config_file", default=None)
-_OPTION_RE = re.compile(r"unrecognized arguments: (-{1,2}[\w.\-]+)|does not accept option '([\w.\-]+)'"
-                        r"|[Kk]ey '([\w.\-]+)' is not expected")
+_OPTION_RE = re.compile(r"unrecognized arguments: (-{1,2}[\w.\-]+)|Group '([\w.\-]+)' does not accept option "
+                        r"'([\w.\-]+)'|does not accept option '([\w.\-]+)'|[Kk]ey '([\w.\-]+)' is not expected")
 
 
 class SFTHelpFormatter(DefaultHelpFormatter):
@@ -46,7 +46,8 @@ def close_option(message: str, options: Iterable[str]) -> Optional[str]:
     match = _OPTION_RE.search(message)
     if match is None:
         return None
-    given = next(g for g in match.groups() if g).lstrip("-")
+    flag, group, in_group, option, key = match.groups()
+    given = (flag or "").lstrip("-") or (f"{group}.{in_group}" if group else option or key)
     keys = sorted({opt.lstrip("-") for opt in options if opt.startswith("--")})
     found = difflib.get_close_matches(given, keys, n=1, cutoff=0.75)
     return found[0] if found and found[0] != given else None
@@ -90,8 +91,12 @@ class SFTArgumentParser(LightningArgumentParser):
         if not self.exit_on_error or _debug_mode():
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
-        options = [opt for action in parser._actions for opt in action.option_strings]
-        suggestion = close_option(message, options)
+        suggestion = None
+        for candidate in [parser, *_subcommand_parsers(parser)]:  # a config file's key is checked by the main parser
+            suggestion = close_option(message, [opt for action in candidate._actions for opt in action.option_strings])
+            if suggestion:
+                parser = candidate
+                break
         lines = [f"error: {message}"]
         if suggestion:
             lines.append(f"Did you mean {suggestion}?")
@@ -99,6 +104,12 @@ class SFTArgumentParser(LightningArgumentParser):
         lines.append(f"Run `{prog} --help` for every key, with its help and environment variable.")
         sys.stderr.write("\n".join(lines) + "\n")
         self.exit(2)
+
+
+def _subcommand_parsers(parser: Any) -> list[Any]:
+    """The parsers of ``parser``'s subcommands (``fit``, ...), if it has any."""
+    return [sub for action in parser._actions if isinstance(getattr(action, "choices", None), dict)
+            for sub in action.choices.values() if isinstance(sub, argparse.ArgumentParser)]
 
 
 def _debug_mode() -> bool:

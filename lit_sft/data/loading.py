@@ -107,7 +107,8 @@ def load_split(
 
     Args:
         dataset_name: hub id (``open-r1/OpenR1-Math-220k``), a folder written by ``Dataset.save_to_disk``, a folder
-            of data files, or a single ``.json/.jsonl/.parquet/.csv`` file.
+            of data files, or a single ``.json/.jsonl/.parquet/.csv`` file (``pkg://package/path``: inside an
+            installed package, see :func:`resolve_path`).
         split: split name (``train``, ``test``); for a single file, ``train`` is the file itself.
         dataset_config: the dataset's configuration name (``default``, ``all``, ...).
         data_files: passed to ``load_dataset`` as is.
@@ -118,6 +119,7 @@ def load_split(
     """
     import datasets
 
+    dataset_name = resolve_path(dataset_name)  # pkg://lit_sft/data/tiny_math.jsonl: a file shipped in a package
     looks_local = dataset_name.startswith((".", "/", "~")) or os.path.splitext(dataset_name)[1] in _FILE_BUILDERS
     if looks_local and not os.path.exists(os.path.expanduser(dataset_name)):
         raise FileNotFoundError(f"data.dataset_name={dataset_name!r}: no such file or folder (relative paths are "
