@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from typing import Any, Literal, Optional
 
 import lightning
@@ -368,6 +369,9 @@ def deepspeed_logs_to_stderr() -> None:
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``lit_sft`` console script."""
     deepspeed_logs_to_stderr()
+    # a command gets its arguments from this function while sys.argv also holds them: LightningCLI's warning about
+    # that is meant for calls from Python, not for the console script
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     from lit_sft.commands import COMMANDS, run_command
 
     argv = list(sys.argv[1:] if args is None else args)
