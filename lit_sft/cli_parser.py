@@ -85,7 +85,8 @@ class SFTArgumentParser(LightningArgumentParser):
 
     def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
         """Print ``error: <message>`` (plus the closest key and a pointer to ``--help``) and exit with status 2."""
-        path = _CONFIG_FILE.get()
+        named = re.search(r"Unable to load config '([^']+)'", message)  # a section file: --model model.yaml
+        path = _CONFIG_FILE.get() or (named.group(1) if named else None)
         if path is not None:
             message = message.replace("<unicode string>", path)
         if not self.exit_on_error or _debug_mode():

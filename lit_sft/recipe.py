@@ -301,7 +301,9 @@ def _apply(parser: Any, cfg: Any, conversion: Conversion, path: str) -> None:
         rank_zero_info(f"{path}: launcher keys not needed with Lightning's launch: {', '.join(conversion.launcher)}")
     for name, value in conversion.env.items():
         os.environ[name] = value
-        rank_zero_info(f"{path}: environment {name}={value} (a printed config does not carry it: export it too)")
+    if conversion.env:  # names only: values may be secrets
+        rank_zero_info(f"{path}: set in the environment: {', '.join(conversion.env)} (a printed config does not "
+                       "carry them: export them in the job script too)")
     config_action = next(a for a in parser._actions if isinstance(a, ActionConfigFile))
     config_action(parser, cfg, yaml.safe_dump(conversion.config, sort_keys=False), config_action.option_strings[-1])
 

@@ -110,6 +110,10 @@ def test_yaml_error_names_the_file(capsys, tmp_path):
     code, _, err = _run(capsys, "fit", "--config", "configs/tiny_cpu.yaml", "--config", str(bad), "--print_config")
     assert code == 2
     assert str(bad) in err and "<unicode string>" not in err and "line 3" in err
+    section = tmp_path / "model.yaml"  # a section file
+    section.write_text("learning_rate: [1e-3\n")
+    code, _, err = _run(capsys, "fit", "--config", "configs/tiny_cpu.yaml", "--model", str(section), "--print_config")
+    assert code == 2 and f'in "{section}", line 1' in err and "<unicode string>" not in err
 
 
 def test_environment_variables_set_keys_and_the_command_line_wins(capsys, monkeypatch):

@@ -322,8 +322,10 @@ def test_accelerate_configs(capsys, tmp_path):
 
 
 def test_yaml_errors_name_the_file(capsys, tmp_path):
-    err = _error(capsys, "--recipe", _file(tmp_path, "broken.yaml", "learning_rate: [1\n"))
-    assert "broken.yaml" in err and "<unicode string>" not in err
+    path = _file(tmp_path, "broken.yaml", "learning_rate: [1\n")
+    err = _error(capsys, "--recipe", path)
+    assert f"recipe {path!r} is not valid YAML" in err and f'in "{path}", line 1' in err
+    assert "<unicode string>" not in err
 
 
 def test_the_table_covers_the_installed_trl_schema_with_its_defaults():
