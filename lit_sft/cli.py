@@ -3,6 +3,9 @@
 ``model:`` and ``data:`` are the two classes' ``__init__`` signatures; ``trainer:`` is Lightning's ``Trainer``; the
 top-level keys below (output, checkpoints, hub, loggers) are the recipe's run keys, turned into Trainer callbacks and
 loggers here. A rerun with the same ``output_dir`` resumes from its newest complete checkpoint.
+
+The parser (``lit_sft/cli_parser.py``) reads every key from ``LIT_SFT_FIT__<KEY>`` environment variables too and
+reports errors in one line; ``--recipe`` / ``--accelerate_config`` take open-r1's own files (``lit_sft/recipe.py``).
 """
 
 from __future__ import annotations

@@ -86,6 +86,7 @@ class Conversion:
         self.launcher: list[str] = []
 
     def set(self, dotted: str, value: Any) -> None:
+        """Set lit_sft key ``dotted`` (``model.learning_rate``); ``env.NAME`` sets an environment variable."""
         if dotted.startswith("env."):
             self.env[dotted[len("env."):]] = str(value)
         else:
