@@ -352,7 +352,7 @@ def add_recipe_arguments(parser: Any) -> None:
     parser.add_argument("--recipe", action=RecipeAction,
                         help="An open-r1 SFT recipe (TRL SFTConfig/ModelConfig/ScriptArguments keys at the top "
                              "level), applied here as a --config overlay: later --config files and flags override "
-                             "it. Keys: lit_sft/recipe_keys.py (README: 'open-r1 recipe files').")
+                             "it. Keys: lit_sft/recipe_keys.py (README: \"open-r1's recipe files, as they are\").")
     parser.add_argument("--accelerate_config", action=AccelerateConfigAction,
                         help="The accelerate config YAML open-r1 launches with (distributed_type, deepspeed_config, "
                              "mixed_precision, num_processes, num_machines), applied as a --config overlay of "
