@@ -15,17 +15,17 @@ means; TRL also logs ``entropy``, which lit_sft does not compute. The other name
 
 | name | unit | what |
 |---|---|---|
-| ``train/loss`` | nats per supervised token | summed token loss / supervised tokens of the whole optimizer step, every rank |
+| ``train/loss`` | nats per supervised token | token loss sum / supervised tokens of the optimizer step, all ranks |
 | ``train/grad_norm`` | L2 norm | global gradient norm before clipping (``model.max_grad_norm``) |
 | ``train/learning_rate`` | learning rate | the rate of the step's update |
 | ``train/epoch`` | epochs (fractional) | optimizer steps done / optimizer steps per epoch |
-| ``train/mean_token_accuracy`` | fraction (0-1) | supervised tokens whose argmax prediction is right (``nan`` with Liger's fused loss when it returns none) |
-| ``train/num_tokens`` | tokens | non-padding tokens trained on since the start of training, all ranks (TRL's cumulative count) |
+| ``train/mean_token_accuracy`` | fraction (0-1) | supervised tokens predicted right (argmax); ``nan`` if none |
+| ``train/num_tokens`` | tokens | non-padding tokens since the start of training, all ranks (cumulative, as TRL's) |
 | ``train/step_tokens`` | tokens | non-padding tokens in this optimizer step, all ranks |
 | ``train/step_loss_tokens`` | tokens | supervised tokens in this optimizer step, all ranks (``num_items_in_batch``) |
 | ``train/tokens_per_s`` | tokens/s | ``train/step_tokens`` / wall-clock seconds since the previous step ended |
 | ``train/padding_ratio`` | fraction (0-1) | share of the token slots that were padding |
-| ``train/mfu`` | fraction (0-1) | model FLOPs/s (:func:`training_flops`) over ``world_size`` x the device's peak (``nan`` without one) |
+| ``train/mfu`` | fraction (0-1) | model FLOPs/s (:func:`training_flops`) / (ranks x peak) |
 | ``train/rank_token_imbalance`` | ratio (>= 1) | busiest rank's non-padding tokens / mean rank's (1.0: balanced) |
 | ``train/rank_flops_imbalance`` | ratio (>= 1) | busiest rank's model FLOPs / mean rank's |
 | ``train/peak_mem_gib`` | GiB | peak allocated CUDA memory of this process (GPUs only) |

@@ -25,7 +25,14 @@ echo "built: $WHEEL"
 
 mkdir -p "$WORK/run"
 cd "$WORK/run"  # outside the repository: nothing of the checkout is on the path
-"$WORK/venv/bin/python" -c "import lit_sft, importlib.metadata as m; assert 'site-packages' in lit_sft.__file__, lit_sft.__file__; print('lit_sft', m.version('lit_sft'), 'from', lit_sft.__file__)"
+"$WORK/venv/bin/python" - <<'PY'
+import importlib.metadata
+
+import lit_sft
+
+assert "site-packages" in lit_sft.__file__, lit_sft.__file__  # the installed wheel, not the checkout
+print("lit_sft", importlib.metadata.version("lit_sft"), "from", lit_sft.__file__)
+PY
 T0=$(date +%s)
 # shellcheck disable=SC2086
 "$WORK/venv/bin/lit_sft" fit --config pkg://lit_sft/configs/tiny_cpu.yaml ${EXTRA:-}
