@@ -24,10 +24,10 @@ python3 - <<'PY'
 import json
 rows = [json.loads(l) for l in open("/tmp/lit_sft_recipe/steps.jsonl")]
 for r in rows:
-    print(f"step {r['step']:3d} loss {r['train/loss']:.4f} tokens {int(r['train/num_tokens']):6d} "
+    print(f"step {r['step']:3d} loss {r['train/loss']:.4f} tokens {int(r['train/step_tokens']):6d} "
           f"tok/s {r['train/tokens_per_s']:8.0f} lr {r['train/learning_rate']:.3e} peak {r.get('peak_mem_gib', 0):.1f} GiB")
 timed = [r for r in rows if r["step"] > 3 and r["step"] not in (11,)]  # skip warm-up and the first step after resume
-tps = sum(r["train/num_tokens"] for r in timed) / sum(r["train/num_tokens"] / r["train/tokens_per_s"] for r in timed)
+tps = sum(r["train/step_tokens"] for r in timed) / sum(r["train/step_tokens"] / r["train/tokens_per_s"] for r in timed)
 print("SUMMARY", json.dumps({"steps": rows[-1]["step"], "tokens_per_s": tps,
                              "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in rows)}))
 PY

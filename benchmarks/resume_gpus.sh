@@ -37,6 +37,6 @@ for s in sorted(a):
     print(f"{s:4d}  {a[s]['train/loss']:9.4f}  {r['train/loss'] if r else float('nan'):17.4f}  "
           f"{abs(r['train/loss'] - a[s]['train/loss']) / a[s]['train/loss'] if r else float('nan'):8.1e}  "
           f"{a[s]['train/learning_rate']:.3e}  {r['train/learning_rate'] if r else float('nan'):.3e}  "
-          f"{int(a[s]['train/num_tokens'])} {int(r['train/num_tokens']) if r else ''}")
+          f"{int(a[s]['train/step_tokens'])} {int(r['train/step_tokens']) if r else ''}")
 PY
 echo "total: $(( $(date +%s) - T0 )) s"

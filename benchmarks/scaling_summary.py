@@ -24,6 +24,8 @@ def load(path: str) -> dict[str, dict]:
     runs: dict[str, dict] = defaultdict(lambda: {"steps": {}, "timing": defaultdict(dict), "gpus": 1})
     for line in open(path):
         r = json.loads(line)
+        if "train/loss" in r:  # records written before the TRL metric names: per-step tokens in num_tokens
+            r.setdefault("train/step_tokens", r.get("train/num_tokens"))
         run = runs[r["run"]]
         run["gpus"] = r.get("gpus", 1)
         if r["file"] == "steps":
@@ -38,9 +40,9 @@ def summarise(run: dict, skip: int) -> dict:
     timed = [r for r in steps if r["step"] > skip]
     if not timed:
         return {}
-    seconds = sum(r["train/num_tokens"] / r["train/tokens_per_s"] for r in timed)
-    tokens = sum(r["train/num_tokens"] for r in timed)
-    mfu = sum(r["train/mfu"] * r["train/num_tokens"] / r["train/tokens_per_s"] for r in timed) / seconds
+    seconds = sum(r["train/step_tokens"] / r["train/tokens_per_s"] for r in timed)
+    tokens = sum(r["train/step_tokens"] for r in timed)
+    mfu = sum(r["train/mfu"] * r["train/step_tokens"] / r["train/tokens_per_s"] for r in timed) / seconds
     timing = [run["timing"][r["step"]] for r in timed if r["step"] in run["timing"]]
     peaks = [t["peak_mem_gib"] for ranks in run["timing"].values() for t in ranks.values()]
 
@@ -60,7 +62,7 @@ def summarise(run: dict, skip: int) -> dict:
         "rank_time_imbalance": mean(imbalance) if imbalance else float("nan"),
         "rank_token_imbalance": mean(token_imb) if token_imb else float("nan"),
         "rank_token_imbalance_logged": mean(r.get("train/rank_token_imbalance", float("nan")) for r in timed),
-        "losses": [r["train/loss"] for r in steps], "work": tuple(int(r["train/num_tokens"]) for r in steps),
+        "losses": [r["train/loss"] for r in steps], "work": tuple(int(r["train/step_tokens"]) for r in steps),
     }
 
 

@@ -3,6 +3,9 @@
 ``model:`` and ``data:`` are the two classes' ``__init__`` signatures; ``trainer:`` is Lightning's ``Trainer``; the
 top-level keys below (output, checkpoints, hub, loggers) are the recipe's run keys, turned into Trainer callbacks and
 loggers here. A rerun with the same ``output_dir`` resumes from its newest complete checkpoint.
+
+The parser (``lit_sft/cli_parser.py``) reads every key from ``LIT_SFT_FIT__<KEY>`` environment variables too and
+reports errors in one line; ``--recipe`` / ``--accelerate_config`` take open-r1's own files (``lit_sft/recipe.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from typing import Any, Literal, Optional
 
 import lightning
@@ -23,9 +27,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_sft.data.datamodule import SFTDataModule
 from lit_sft.data.tokenize import RowError
+from lit_sft.data.loading import resolve_path
 from lit_sft.console import quiet_resumed_checkpoint_dir
 from lit_sft.evaluation import SFTEvaluation
 from lit_sft.checkpoint import FINISHED, SFTCheckpoint, training_done
+from lit_sft.cli_parser import SFTArgumentParser, overview
+from lit_sft.recipe import add_recipe_arguments
 from lit_sft.checkpoint_io import checkpoint_problem, newest_loadable, read_checkpoint
 from lit_sft.export import HFExport
 from lit_sft.loggers import build_loggers
@@ -93,8 +100,13 @@ def run_args(
             ``trainer.val_check_interval`` at 1.0 (it counts micro-batches).
         eval_steps: optimizer steps between evaluations with ``eval_strategy: steps``; ``null``: ``logging_steps``
             (``trainer.log_every_n_steps``).
-        push_to_hub, hub_model_id, hub_strategy, hub_private_repo: upload the exported model with huggingface_hub
-            (``every_save``: at every checkpoint and at the end; ``end``: once). A failed upload only warns.
+        push_to_hub: upload the exported model to the Hugging Face Hub with huggingface_hub (token: ``HF_TOKEN`` or
+            ``hf auth login``). A failed upload only warns; the local files stay.
+        hub_model_id: the repository to push to (``user/name``, or ``name`` under your account); required with
+            ``push_to_hub``.
+        hub_strategy: ``every_save``: push at every checkpoint (``save_steps``) and at the end; ``end``: once, at
+            the end.
+        hub_private_repo: create the repository private (``null``: the Hub's default for your account).
         report_to: loggers (recipe: ``wandb``; ``WANDB_MODE=offline`` works without network), ``csv``,
             ``tensorboard``, or ``none``.
         run_name: the run's name in the loggers.
@@ -131,9 +143,12 @@ class OverlayConfigFile(ActionConfigFile):
     replaced, ``class_path``/``init_args`` merge as jsonargparse already does, and ``key: null`` in a file clears a
     dict (a later file can then set it afresh). A whole value on the command line still replaces
     (``--model.model_config '{...}'``, a section file ``--model model.yaml``), as in jsonargparse.
+    ``pkg://package/path`` names a file inside an installed package (``pkg://lit_sft/configs/tiny_cpu.yaml``).
     """
 
     def __call__(self, parser: Any, cfg: Any, values: Any, option_string: Optional[str] = None) -> None:
+        if isinstance(values, str) and values.startswith("pkg://"):  # a config shipped inside a package
+            values = resolve_path(values)
         before = {key: value for key, value in cfg.items() if isinstance(value, dict)}
         super().__call__(parser, cfg, values, option_string)
         for key, value in list(cfg.items()):
@@ -155,15 +170,19 @@ class SFTCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_function_arguments(run_args, nested_key="run")
+        add_recipe_arguments(parser)  # --recipe / --accelerate_config: open-r1's files as they are
         parser.set_defaults({"trainer.use_distributed_sampler": False})
 
     def init_parser(self, **kwargs: Any) -> Any:
-        """LightningCLI's parser with ``--config`` files that merge dict-valued keys (:class:`OverlayConfigFile`)."""
+        """lit_sft's parser (:class:`lit_sft.cli_parser.SFTArgumentParser`: one-line errors, ``LIT_SFT_*``
+        environment variables) with ``--config`` files that merge dict-valued keys (:class:`OverlayConfigFile`)."""
         kwargs.setdefault("dump_header", [f"lightning.pytorch=={lightning.__version__}"])
-        parser = self.parser_class(**kwargs)
+        parser_class = self.parser_class if issubclass(self.parser_class, SFTArgumentParser) else SFTArgumentParser
+        parser = parser_class(**kwargs)
         parser.add_argument("-c", "--config", action=OverlayConfigFile,
-                            help="Path to a configuration file in json or yaml format; later files update earlier "
-                                 "ones key by key, dict-valued keys included.")
+                            help="Path to a configuration file in json or yaml format (pkg://lit_sft/configs/... names "
+                                 "one shipped with lit_sft); later files update earlier ones key by key, dict-valued "
+                                 "keys included.")
         return parser
 
     def _run(self) -> dict[str, Any]:
@@ -382,15 +401,22 @@ def main(args: Optional[list[str]] = None) -> None:
     (``JSONARGPARSE_DEBUG=true`` raises instead, with the traceback).
     """
     deepspeed_logs_to_stderr()
-    from lit_sft.commands import COMMANDS, commands_help, run_command
+    # a command gets its arguments from this function while sys.argv also holds them: LightningCLI's warning about
+    # that is meant for calls from Python, not for the console script
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    from lit_sft.commands import COMMANDS, run_command
 
     argv = list(sys.argv[1:] if args is None else args)
     try:
         if argv and argv[0] in COMMANDS:
             run_command(argv[0], argv[1:])
             return
+        fit = {"description": "Train: the recipe's loop (SFTModule on SFTDataModule), checkpoints, and the Hugging "
+                              "Face export at the end. Every key below can also be set in a --config file or as the "
+                              "environment variable after ENV:."}
         SFTCLI(SFTModule, SFTDataModule, args=args, save_config_kwargs={"overwrite": True},
-               auto_configure_optimizers=False, parser_kwargs={"allow_abbrev": False, "epilog": commands_help()})
+               auto_configure_optimizers=False,
+               parser_kwargs={"prog": "lit_sft", "description": overview(COMMANDS, SFTCLI.subcommands()), "fit": fit})
     except (InputError, RowError) as err:
         if os.environ.get("JSONARGPARSE_DEBUG", "").lower() == "true":  # jsonargparse's own debug switch
             raise

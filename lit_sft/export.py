@@ -173,7 +173,7 @@ def model_card(module: L.LightningModule, datamodule: Any, metrics: dict[str, fl
     datasets = list(dict.fromkeys(s["id"] for s in mixture["datasets"])) if mixture else [dh.get("dataset_name")]
 
     def hub_id(name: Any) -> Optional[str]:  # local paths are not hub ids: keep them out of the card's metadata
-        return name if name and not os.path.exists(name) else None
+        return name if name and "://" not in name and not os.path.exists(name) else None  # pkg://: a package file
 
     data = ModelCardData(base_model=hub_id(base), datasets=[hub_id(d) for d in datasets if hub_id(d)] or None,
                          library_name="transformers", tags=["lit_sft", "sft"], pipeline_tag="text-generation")

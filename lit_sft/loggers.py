@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import CSVLogger
 class _AppendingWriter(ExperimentWriter):
     def __init__(self, log_dir: str) -> None:
         super().__init__(log_dir)
-        if os.path.isfile(self.metrics_file_path):  # the previous header's columns stay (e.g. val/loss): Lightning
+        if os.path.isfile(self.metrics_file_path):  # the previous header's columns stay (e.g. eval/loss): Lightning
             with open(self.metrics_file_path, newline="") as f:  # rewrites the file with the keys it knows
                 self.metrics_keys = [k for k in next(csv.reader(f), []) if k]
 

@@ -13,9 +13,8 @@ written next to the model: into the Hugging Face export's ``output_dir`` at ever
 (:class:`lit_sft.export.HFExport`, ``lit_sft export``), which links it from the model card. Drawing never fails a
 run: any error (matplotlib missing included) is a warning and the run goes on without the picture.
 
-The metric names are read from :data:`TRAIN_LOSS`, :data:`EVAL_LOSS` and :data:`LEARNING_RATE`, the names
-:class:`lit_sft.SFTModule` logs (``lit_sft/metrics.py``, ``SFTModule._optimizer_step`` and
-``on_validation_epoch_end``): a rename there is one line here.
+The metric names are ``lit_sft.metrics``' constants (``LOSS``, ``EVAL_LOSS``, ``LEARNING_RATE``), the names
+:class:`lit_sft.SFTModule` logs.
 """
 
 from __future__ import annotations
@@ -31,12 +30,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-TRAIN_LOSS = "train/loss"
-"""Token-mean training loss of an optimizer step (``SFTModule.last_step_metrics``, the loggers)."""
-EVAL_LOSS = "val/loss"
-"""Token-mean evaluation loss (``trainer.callback_metrics``, the loggers)."""
-LEARNING_RATE = "train/learning_rate"
-"""Learning rate the optimizer step used."""
+from lit_sft.metrics import EVAL_LOSS, LEARNING_RATE, LOSS as TRAIN_LOSS  # one place for metric names
+
 FILENAME = "loss.png"
 
 

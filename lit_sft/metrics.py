@@ -1,9 +1,37 @@
 """Per-optimizer-step training metrics (loss, tokens, tokens/s, padding ratio, MFU), reduced over micro-batches and
-data-parallel ranks.
+data-parallel ranks, and the names they are logged under (:data:`METRICS`, the one list).
 
 Lightning's own ``self.log`` cadence counts batches, and here a batch is a micro-batch; the step metrics are
 therefore summed locally over the step's micro-batches, all-reduced once at the optimizer step, and written to the
 loggers with ``step = trainer.global_step`` (optimizer steps), every ``trainer.log_every_n_steps`` steps.
+
+Names: where TRL's ``SFTTrainer`` (1.16) logs the same quantity, the name is the one its runs show in wandb
+(transformers' ``WandbCallback`` writes the Trainer's ``loss`` as ``train/loss`` and ``eval_loss`` as ``eval/loss``),
+so the two compare side by side: ``train/loss``, ``train/grad_norm``, ``train/learning_rate``, ``train/epoch``,
+``train/mean_token_accuracy``, ``train/num_tokens`` (cumulative, as TRL's) and ``eval/loss``. Differences in how
+they are computed: TRL's ``loss`` is the mean of the per-step losses since the previous log line and its
+``mean_token_accuracy`` the mean of per-micro-batch accuracies, where lit_sft logs the logged step's exact token
+means; TRL also logs ``entropy``, which lit_sft does not compute. The other names are lit_sft's own.
+
+| name | unit | what |
+|---|---|---|
+| ``train/loss`` | nats per supervised token | token loss sum / supervised tokens of the optimizer step, all ranks |
+| ``train/grad_norm`` | L2 norm | global gradient norm before clipping (``model.max_grad_norm``) |
+| ``train/learning_rate`` | learning rate | the rate of the step's update |
+| ``train/epoch`` | epochs (fractional) | optimizer steps done / optimizer steps per epoch |
+| ``train/mean_token_accuracy`` | fraction (0-1) | supervised tokens predicted right (argmax); ``nan`` if none |
+| ``train/num_tokens`` | tokens | non-padding tokens since the start of training, all ranks (cumulative, as TRL's) |
+| ``train/step_tokens`` | tokens | non-padding tokens in this optimizer step, all ranks |
+| ``train/step_loss_tokens`` | tokens | supervised tokens in this optimizer step, all ranks (``num_items_in_batch``) |
+| ``train/tokens_per_s`` | tokens/s | ``train/step_tokens`` / wall-clock seconds since the previous step ended |
+| ``train/padding_ratio`` | fraction (0-1) | share of the token slots that were padding |
+| ``train/mfu`` | fraction (0-1) | model FLOPs/s (:func:`training_flops`) / (ranks x peak) |
+| ``train/rank_token_imbalance`` | ratio (>= 1) | busiest rank's non-padding tokens / mean rank's (1.0: balanced) |
+| ``train/rank_flops_imbalance`` | ratio (>= 1) | busiest rank's model FLOPs / mean rank's |
+| ``train/peak_mem_gib`` | GiB | peak allocated CUDA memory of this process (GPUs only) |
+| ``train/loss/<source>`` | nats per supervised token | token-mean loss of each mixture source's rows in the step |
+| ``eval/loss`` | nats per supervised token | token mean over the whole evaluation split, every rank |
+| ``eval/loss_tokens`` | tokens | supervised tokens of the evaluation split |
 """
 
 from __future__ import annotations
@@ -15,6 +43,35 @@ import torch
 from torch import Tensor
 
 from lit_sft.loss import LossSums
+
+LOSS = "train/loss"
+GRAD_NORM = "train/grad_norm"
+LEARNING_RATE = "train/learning_rate"
+EPOCH = "train/epoch"
+MEAN_TOKEN_ACCURACY = "train/mean_token_accuracy"
+NUM_TOKENS = "train/num_tokens"
+STEP_TOKENS = "train/step_tokens"
+STEP_LOSS_TOKENS = "train/step_loss_tokens"
+TOKENS_PER_S = "train/tokens_per_s"
+PADDING_RATIO = "train/padding_ratio"
+MFU = "train/mfu"
+RANK_TOKEN_IMBALANCE = "train/rank_token_imbalance"
+RANK_FLOPS_IMBALANCE = "train/rank_flops_imbalance"
+PEAK_MEM_GIB = "train/peak_mem_gib"
+SOURCE_LOSS = "train/loss/{source}"
+EVAL_LOSS = "eval/loss"
+EVAL_LOSS_TOKENS = "eval/loss_tokens"
+EVAL_MEAN_TOKEN_ACCURACY = "eval/mean_token_accuracy"
+
+METRICS: dict[str, str] = {
+    LOSS: "nats per supervised token", GRAD_NORM: "L2 norm", LEARNING_RATE: "learning rate",
+    EPOCH: "epochs (fractional)", MEAN_TOKEN_ACCURACY: "fraction (0-1)", NUM_TOKENS: "tokens", STEP_TOKENS: "tokens",
+    STEP_LOSS_TOKENS: "tokens", TOKENS_PER_S: "tokens/s", PADDING_RATIO: "fraction (0-1)", MFU: "fraction (0-1)",
+    RANK_TOKEN_IMBALANCE: "ratio (>= 1)", RANK_FLOPS_IMBALANCE: "ratio (>= 1)", PEAK_MEM_GIB: "GiB",
+    SOURCE_LOSS.format(source="<source>"): "nats per supervised token", EVAL_LOSS: "nats per supervised token",
+    EVAL_LOSS_TOKENS: "tokens", EVAL_MEAN_TOKEN_ACCURACY: "fraction (0-1)",
+}
+"""Every logged metric name and its unit (the module docstring's table says what each is)."""
 
 # Order of the fields at the head of the all-reduced vector (``num_slots`` is summed on the host and appended at the
 # step's end); then each rank's tokens and FLOPs (``world_size`` each), then, with mixture sources, each source's loss
@@ -70,20 +127,14 @@ def _max_over_mean(values: list[float]) -> float:
 class StepMetrics:
     """Accumulates one optimizer step's sums on this rank; :meth:`reduce` returns the global step metrics.
 
-    Returned keys (all Python floats):
-        ``train/loss``: summed token loss / supervised tokens, over the whole step and every rank (nats/token);
-        ``train/num_loss_tokens``: supervised tokens in the step; ``train/token_accuracy``: share of supervised
-        tokens whose argmax prediction is right (``nan`` when the loss path computes no logits, e.g. Liger's fused
-        cross-entropy); ``train/num_tokens``: non-padding tokens in the step; ``train/tokens_seen``: cumulative
-        non-padding tokens since the start of training; ``train/tokens_per_s``: non-padding tokens of the step
-        divided by the wall-clock seconds since the previous step ended (all ranks together);
-        ``train/padding_ratio``: share of the token slots that were padding; ``train/mfu``: model FLOPs
-        (:func:`training_flops`) per second over ``world_size x peak_flops`` (``nan`` without a known peak);
-        ``train/rank_token_imbalance`` and ``train/rank_flops_imbalance``: the busiest rank's non-padding tokens
-        (model FLOPs) over the mean rank's, 1.0 when balanced (the planner balances FLOPs, so with rows of very
-        different lengths the token ratio stays above 1: long rows cost more per token);
-        ``train/loss/<source>`` with mixture sources: the token-mean loss of each source's supervised tokens in the
-        step, over every rank (present for the sources the step holds).
+    Returned keys (all Python floats; names and units in :data:`METRICS` and the module docstring):
+        ``train/loss``, ``train/step_loss_tokens``, ``train/mean_token_accuracy`` (``nan`` when the loss path
+        computes no logits, e.g. Liger's fused cross-entropy), ``train/step_tokens``, ``train/num_tokens``
+        (cumulative), ``train/tokens_per_s``, ``train/padding_ratio``, ``train/mfu``,
+        ``train/rank_token_imbalance`` and ``train/rank_flops_imbalance`` (the planner balances FLOPs, so with rows
+        of very different lengths the token ratio stays above 1: long rows cost more per token),
+        ``train/loss/<source>`` with mixture sources (present for the sources the step holds), and
+        ``train/peak_mem_gib`` on GPUs.
 
     Args:
         peak_flops: one device's peak FLOP/s for MFU, or ``None``.
@@ -146,26 +197,26 @@ class StepMetrics:
         self.tokens_seen += int(values["num_tokens"])
         tokens = max(values["num_loss_tokens"], 1.0)
         metrics = {
-            "train/loss": values["loss_sum"] / tokens,
-            "train/num_loss_tokens": values["num_loss_tokens"],
-            "train/token_accuracy": values["num_correct"] / tokens if self._has_accuracy else float("nan"),
-            "train/num_tokens": values["num_tokens"],
-            "train/tokens_seen": float(self.tokens_seen),
-            "train/tokens_per_s": values["num_tokens"] / elapsed if elapsed > 0 else float("nan"),
-            "train/padding_ratio": 1.0 - values["num_tokens"] / values["num_slots"] if values["num_slots"] else 0.0,
-            "train/mfu": (values["flops"] / elapsed / (self.peak_flops * self.world_size)
-                          if self.peak_flops and elapsed > 0 else float("nan")),
+            LOSS: values["loss_sum"] / tokens,
+            STEP_LOSS_TOKENS: values["num_loss_tokens"],
+            MEAN_TOKEN_ACCURACY: values["num_correct"] / tokens if self._has_accuracy else float("nan"),
+            STEP_TOKENS: values["num_tokens"],
+            NUM_TOKENS: float(self.tokens_seen),
+            TOKENS_PER_S: values["num_tokens"] / elapsed if elapsed > 0 else float("nan"),
+            PADDING_RATIO: 1.0 - values["num_tokens"] / values["num_slots"] if values["num_slots"] else 0.0,
+            MFU: (values["flops"] / elapsed / (self.peak_flops * self.world_size)
+                  if self.peak_flops and elapsed > 0 else float("nan")),
         }
-        metrics["train/rank_token_imbalance"] = _max_over_mean(rank_tokens)
-        metrics["train/rank_flops_imbalance"] = _max_over_mean(rank_flops)
+        metrics[RANK_TOKEN_IMBALANCE] = _max_over_mean(rank_tokens)
+        metrics[RANK_FLOPS_IMBALANCE] = _max_over_mean(rank_flops)
         if self._source_sums is not None:
             k = len(self._source_names)
             source_loss, source_tokens = reduced[-2 * k:-k], reduced[-k:]
             for name, loss_sum, n in zip(self._source_names, source_loss, source_tokens):
                 if n > 0:
-                    metrics[f"train/loss/{name}"] = loss_sum / n
+                    metrics[SOURCE_LOSS.format(source=name)] = loss_sum / n
         if torch.cuda.is_available():
-            metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            metrics[PEAK_MEM_GIB] = torch.cuda.max_memory_allocated() / 2**30
         self._sums, self._source_sums, self._has_accuracy, self._slots = None, None, True, 0.0
         return metrics
 

@@ -14,7 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lit_sft.guard import NonFiniteError, nonfinite_step_message
 from lit_sft.data.batch import PADDING_FREE_KEYS, SFTBatch, check_training_batch
 from lit_sft.loss import LossSums, backward_scale, chunked_token_loss_sum, token_sources
-from lit_sft.metrics import StepMetrics, device_peak_flops, matmul_params, training_flops
+from lit_sft.metrics import (EPOCH, EVAL_LOSS, EVAL_LOSS_TOKENS, EVAL_MEAN_TOKEN_ACCURACY, GRAD_NORM, LEARNING_RATE,
+                             LOSS, MFU, TOKENS_PER_S, StepMetrics, device_peak_flops, matmul_params, training_flops)
 from lit_sft.modeling import (activation_bytes_per_token, apply_liger_kernels, auto_checkpointed_layers,
                               build_causal_lm, count_parameters, decoder_layers, set_checkpointed_layers)
 from lit_sft.optim import adamw, check_scheduler, lr_scheduler
@@ -61,7 +62,9 @@ class SFTModule(L.LightningModule):
             ``{min_lr_rate: 0.1}`` for ``cosine_with_min_lr``, none for other schedules.
         warmup_ratio: share of the optimizer steps spent in linear warmup, rounded up (recipe: 0.05).
         weight_decay: AdamW weight decay on matrices (transformers' default: 0).
-        adam_beta1, adam_beta2, adam_epsilon: AdamW constants (transformers' defaults).
+        adam_beta1: AdamW's beta1 (transformers' default: 0.9).
+        adam_beta2: AdamW's beta2 (transformers' default: 0.999).
+        adam_epsilon: AdamW's epsilon (transformers' default: 1e-8).
         max_grad_norm: clip the global gradient norm to this (transformers' default: 1.0; 0 or ``None``: no clip).
         loss_chunk_size: positions per chunk of the chunked cross-entropy (the path without Liger).
         mfu_peak_tflops: one device's peak TFLOP/s for the MFU metric; default: the device's dense bf16 datasheet
@@ -313,9 +316,9 @@ class SFTModule(L.LightningModule):
             grad_norm = engine.get_global_grad_norm()  # inf when DeepSpeed skipped the step (invalid norm)
             updated = engine.skipped_steps == skipped_before
         metrics = self.step_metrics.reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
-        metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics["train/learning_rate"] = lr
-        metrics["train/epoch"] = self.global_step / self._steps_per_epoch if self._steps_per_epoch else float("nan")
+        metrics[GRAD_NORM] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics[LEARNING_RATE] = lr
+        metrics[EPOCH] = self.global_step / self._steps_per_epoch if self._steps_per_epoch else float("nan")
         norm = None if grad_norm is None or loss_scaled else float(grad_norm)
         finite = math.isfinite(metrics["train/loss"]) and (norm is None or math.isfinite(norm))
         previous = getattr(self, "last_step_metrics", None)
@@ -335,7 +338,7 @@ class SFTModule(L.LightningModule):
         """Show the step's metrics in the progress bar and write them to every logger every
         ``trainer.log_every_n_steps`` optimizer steps, at ``step = global_step``."""
         self.last_step_metrics = metrics
-        shown = ("train/loss", "train/tokens_per_s") + (("train/mfu",) if self.step_metrics.peak_flops else ())
+        shown = (LOSS, TOKENS_PER_S) + ((MFU,) if self.step_metrics.peak_flops else ())
         for key in shown:  # as logged: a non-finite loss shows as nan (MFU only where the device's peak is known)
             self.log(key.split("/")[1], metrics[key], prog_bar=True, logger=False, on_step=True, on_epoch=False)
         every = self.trainer.log_every_n_steps
@@ -387,10 +390,10 @@ class SFTModule(L.LightningModule):
         self._val_sums = sums if self._val_sums is None else self._val_sums + sums
 
     def on_validation_epoch_end(self) -> None:
-        """``val/loss``: summed token loss over summed supervised tokens of the whole evaluation set, all ranks
-        together (one all-reduce; every rank gets the same value); ``val/token_accuracy``: the share of those tokens
-        the argmax predicts (``nan`` without logits, e.g. Liger's fused loss). ``val/loss`` is shown in the progress
-        bar and given to callbacks (``monitor="val/loss"``). During ``fit`` they are written to the loggers at
+        """``eval/loss``: summed token loss over summed supervised tokens of the whole evaluation set, all ranks
+        together (one all-reduce; every rank gets the same value); ``eval/mean_token_accuracy``: the share of those tokens
+        the argmax predicts (``nan`` without logits, e.g. Liger's fused loss). ``eval/loss`` is shown in the progress
+        bar and given to callbacks (``monitor=EVAL_LOSS``). During ``fit`` they are written to the loggers at
         ``step = global_step`` (optimizer steps), like the training metrics; in ``trainer.validate`` (``lit_sft
         validate``) they are Lightning's logged results (the printed table, the return value). Also kept, as Python
         floats, in ``validation_results``."""
@@ -401,18 +404,18 @@ class SFTModule(L.LightningModule):
         if tokens == 0:
             return
         value = loss_sum / tokens
-        results = {"val/loss": value, "val/token_accuracy": correct / tokens if has_accuracy else float("nan"),
-                   "val/num_loss_tokens": tokens}
+        results = {EVAL_LOSS: value, EVAL_MEAN_TOKEN_ACCURACY: correct / tokens if has_accuracy else float("nan"),
+                   EVAL_LOSS_TOKENS: tokens}
         self.validation_results = results
         fitting = self.trainer.state.fn == "fit"
         if fitting:
-            self.log("val/loss", value, prog_bar=True, logger=False, sync_dist=False)
+            self.log(EVAL_LOSS, value, prog_bar=True, logger=False, sync_dist=False)
         else:  # Lightning's results table and return value (already reduced; lit_sft validate has no logger)
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r"You called `self.log\('val/.*no logger configured")
-                warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/.*sync_dist")
-                for key in ("val/loss", "val/token_accuracy", "val/num_loss_tokens"):
-                    self.log(key, results[key], prog_bar=key == "val/loss", logger=True, sync_dist=False)
+                warnings.filterwarnings("ignore", message=r"You called `self.log\('eval/.*no logger configured")
+                warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('eval/.*sync_dist")
+                for key in (EVAL_LOSS, EVAL_MEAN_TOKEN_ACCURACY, EVAL_LOSS_TOKENS):
+                    self.log(key, results[key], prog_bar=key == EVAL_LOSS, logger=True, sync_dist=False)
         if fitting and not self.trainer.sanity_checking:
             for logger in self.loggers:
                 logger.log_metrics(results, step=self.global_step)

@@ -27,6 +27,8 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressB
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_sft.metrics import EVAL_LOSS
+
 
 def _fmt(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "n/a"
@@ -71,7 +73,7 @@ class SFTProgressBar(TQDMProgressBar):
 
     The training bar of epoch ``e`` runs over that epoch's optimizer steps (fewer when ``max_steps`` ends the run
     inside it; a resumed run starts at the steps already taken) and is redrawn once per optimizer step, with the
-    metrics the module shows (``loss``, ``tokens_per_s``, ``mfu``, ``val/loss``; a non-finite loss shows as ``nan``).
+    metrics the module shows (``loss``, ``tokens_per_s``, ``mfu``, ``eval/loss``; a non-finite loss shows as ``nan``).
 
     Args:
         refresh_rate, process_position, leave: as ``TQDMProgressBar`` (``refresh_rate`` in optimizer steps).
@@ -163,9 +165,9 @@ class SFTProgressBar(TQDMProgressBar):
     # -- notices (both modes) ------------------------------------------------------------------------------------
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        value = trainer.callback_metrics.get("val/loss")
+        value = trainer.callback_metrics.get(EVAL_LOSS)
         if self._plain and not trainer.sanity_checking and value is not None:
-            rank_zero_info(f"step {trainer.global_step} | val/loss {float(value):.4f}")
+            rank_zero_info(f"step {trainer.global_step} | {EVAL_LOSS} {float(value):.4f}")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:

@@ -157,11 +157,13 @@ class SFTDeepSpeedStrategy(DeepSpeedStrategy):
             most :data:`REPLICATE_MAX_SHARE` of one GPU's memory (then DeepSpeed runs stage 2: gradients and
             optimizer states stay partitioned); ``true``: always (DeepSpeed stage 3); ``false``: never. The choice
             is logged. See the module docstring for the measurement behind ``auto``.
-        stage3_param_persistence_threshold, stage3_prefetch_bucket_size, stage3_max_live_parameters,
-        stage3_max_reuse_distance: DeepSpeed's ZeRO-3 parameter-fetch knobs (``None``: DeepSpeed's defaults 1e5,
-            5e7, 1e9, 1e9). Measured on 2 H200s with the 1.5B model: persisting every parameter (threshold 1e9)
-            removed the 816 all-gathers per step but left forward+backward at 1.47 s (1.55 s with the defaults),
-            so the defaults stay; what pays is not partitioning (``zero3_partition_parameters``).
+        stage3_param_persistence_threshold: DeepSpeed's ZeRO-3 parameter-fetch knob (``None``: DeepSpeed's default,
+            1e5). Measured on 2 H200s with the 1.5B model: persisting every parameter (threshold 1e9) removed the
+            816 all-gathers per step but left forward+backward at 1.47 s (1.55 s with the defaults), so the defaults
+            stay; what pays is not partitioning (``zero3_partition_parameters``).
+        stage3_prefetch_bucket_size: DeepSpeed's ZeRO-3 parameter-fetch knob (``None``: DeepSpeed's default, 5e7).
+        stage3_max_live_parameters: DeepSpeed's ZeRO-3 parameter-fetch knob (``None``: DeepSpeed's default, 1e9).
+        stage3_max_reuse_distance: DeepSpeed's ZeRO-3 parameter-fetch knob (``None``: DeepSpeed's default, 1e9).
         **kwargs: any other ``lightning.pytorch.strategies.DeepSpeedStrategy`` argument (``config``,
             ``reduce_bucket_size``, ``overlap_comm``, ``contiguous_gradients``, ...; Lightning's defaults).
     """

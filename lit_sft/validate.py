@@ -3,9 +3,9 @@
 It is LightningCLI's own ``validate`` subcommand (``Trainer.validate``, so devices, strategies and precision are the
 ``trainer:`` keys, as in ``fit``) over the same :class:`lit_sft.SFTModule` evaluation as during training:
 
-* ``val/loss``: summed token loss over summed supervised tokens of the whole split, all ranks together (one
-  all-reduce: ``SFTModule.validation_step`` / ``on_validation_epoch_end``, the ``val/loss`` of ``fit``);
-* ``val/token_accuracy``: the share of those tokens the argmax predicts; ``val/num_loss_tokens``: their count.
+* ``eval/loss``: summed token loss over summed supervised tokens of the whole split, all ranks together (one
+  all-reduce: ``SFTModule.validation_step`` / ``on_validation_epoch_end``, the ``eval/loss`` of ``fit``);
+* ``eval/mean_token_accuracy``: the share of those tokens the argmax predicts; ``eval/loss_tokens``: their count.
 
 The split is ``data.dataset_test_split`` of ``data:`` (``data.do_eval`` is turned on), tokenized as ``fit`` does; the
 training split is not read. The model: ``--ckpt_path`` (a ``step-NNNNNN.ckpt`` file or a DeepSpeed ZeRO checkpoint
@@ -23,6 +23,8 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from lit_sft.metrics import EVAL_LOSS, EVAL_LOSS_TOKENS, EVAL_MEAN_TOKEN_ACCURACY
 
 
 def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -69,8 +71,8 @@ class CheckpointWeights(Callback):
 
 def summary(results: dict[str, float], model: str, split: str) -> str:
     """One line with the results at full precision (``SFTModule.validation_results``)."""
-    return (f"validate {model} on split {split!r}: val/loss {results['val/loss']:.10g}, val/token_accuracy "
-            f"{results['val/token_accuracy']:.10g} over {int(results['val/num_loss_tokens'])} supervised tokens")
+    return (f"validate {model} on split {split!r}: eval/loss {results[EVAL_LOSS]:.10g}, eval/mean_token_accuracy "
+            f"{results[EVAL_MEAN_TOKEN_ACCURACY]:.10g} over {int(results[EVAL_LOSS_TOKENS])} supervised tokens")
 
 
 def validate(trainer: L.Trainer, model: L.LightningModule, datamodule: Any, ckpt_path: Optional[str] = None,
@@ -78,7 +80,7 @@ def validate(trainer: L.Trainer, model: L.LightningModule, datamodule: Any, ckpt
     """``trainer.validate(model, datamodule)`` with the weights of ``ckpt_path`` if given; logs :func:`summary`.
 
     Returns:
-        ``{"val/loss", "val/token_accuracy", "val/num_loss_tokens"}`` as Python floats.
+        ``{"eval/loss", "eval/mean_token_accuracy", "eval/loss_tokens"}`` as Python floats.
     """
     from lightning.pytorch.utilities import rank_zero_info
 

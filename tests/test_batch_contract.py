@@ -72,5 +72,5 @@ def test_own_batches_with_the_step_fields_train_on_the_global_token_mean(model_d
     mean_of_means = sum(s[0].item() / int(s[1]) for s in sums) / len(sums)
     assert abs(mean_of_means - want) > 1e-3 * want  # the check below can tell the two apart
     module = _fit(model_dir, batches)
-    assert module.last_step_metrics["train/num_loss_tokens"] == batches[0]["num_items_in_batch"]
+    assert module.last_step_metrics["train/step_loss_tokens"] == batches[0]["num_items_in_batch"]
     assert module.last_step_metrics["train/loss"] == pytest.approx(want, rel=1e-5)

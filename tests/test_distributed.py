@@ -96,7 +96,7 @@ def test_two_processes_equal_single_process(setup, strategy, extra):
                *extra)
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2 and report["global_step"] == 2
-    assert report["last_step_metrics"]["train/num_loss_tokens"] == sum(len(r) - 1 for r in setup["ids"][4:])
+    assert report["last_step_metrics"]["train/step_loss_tokens"] == sum(len(r) - 1 for r in setup["ids"][4:])
     budget = int(extra[-1]) if extra else None
     for step, metrics in enumerate(report["steps"]):
         assert metrics["train/rank_token_imbalance"] == pytest.approx(

@@ -4,7 +4,7 @@ steps, and it never changes training.
 Setup: 6 training rows, 1 row x 2 micro-batches per optimizer step (3 steps per epoch), 2 epochs, loader workers 2,
 fp32 CPU; 3 evaluation rows. Lightning's own schedule (``val_check_interval``) counts micro-batches and zeroes the
 gradients before validation, so a validation inside a step halves that step's gradient; here the weights after every
-step must be bit-identical with and without evaluation, ``val/loss`` must appear exactly at the due optimizer steps,
+step must be bit-identical with and without evaluation, ``eval/loss`` must appear exactly at the due optimizer steps,
 and its value must be the token mean of the evaluation rows under plain transformers.
 """
 
@@ -37,7 +37,7 @@ def weight_digest(module) -> str:
 
 
 class Record(L.Callback):
-    """Weight digest after every optimizer step, and ``(global_step, val/loss)`` after every validation."""
+    """Weight digest after every optimizer step, and ``(global_step, eval/loss)`` after every validation."""
 
     def __init__(self) -> None:
         self.digests: dict[int, str] = {}
@@ -49,7 +49,7 @@ class Record(L.Callback):
 
     def on_validation_end(self, trainer, module) -> None:
         if not trainer.sanity_checking:
-            self.validations.append((trainer.global_step, float(trainer.callback_metrics["val/loss"])))
+            self.validations.append((trainer.global_step, float(trainer.callback_metrics["eval/loss"])))
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_evaluation_never_changes_training(paths, no_eval, tmp_path, strategy, e
     # the last evaluation ran on the final weights: compare it with plain transformers on the test rows
     if due[-1] == trainer.global_step:
         want = reference_val_loss(module.model, paths["test_rows"])
-        print(f"\nval/loss {record.validations[-1][1]:.10f} vs transformers {want:.10f}")
+        print(f"\neval/loss {record.validations[-1][1]:.10f} vs transformers {want:.10f}")
         assert record.validations[-1][1] == pytest.approx(want, abs=1e-6, rel=0)
 
 
@@ -155,7 +155,7 @@ def test_eval_batches_give_every_rank_the_same_count():
 
 def test_cli_eval_strategy_steps_with_overlay(paths, no_eval, tmp_path, monkeypatch):
     """``lit_sft fit --config base.yaml --config eval.yaml`` with ``run.eval_strategy: steps``, ``run.eval_steps: 2``:
-    ``val/loss`` in ``metrics.csv`` at optimizer steps 2, 4, 6 only, and every step's training metrics exactly those
+    ``eval/loss`` in ``metrics.csv`` at optimizer steps 2, 4, 6 only, and every step's training metrics exactly those
     of the run without evaluation."""
     from lit_sft.cli import main
 
@@ -176,15 +176,15 @@ def test_cli_eval_strategy_steps_with_overlay(paths, no_eval, tmp_path, monkeypa
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump({"run": {"eval_strategy": "steps", "eval_steps": 2}}))
     main(["fit", "--config", "base.yaml", "--config", "eval.yaml"])
     logged = read_metrics_csv(str(out / "logs" / "metrics.csv"))
-    assert sorted(step for step, m in logged.items() if "val/loss" in m) == [2, 4, 6]
+    assert sorted(step for step, m in logged.items() if "eval/loss" in m) == [2, 4, 6]
     for want in reference_steps.steps:
         got = logged[want["global_step"]]
         assert got["train/loss"] == want["train/loss"] and got["train/grad_norm"] == want["train/grad_norm"]
 
 
-# -- val/loss across data-parallel ranks -----------------------------------------------------------------------------
+# -- eval/loss across data-parallel ranks -----------------------------------------------------------------------------
 # 5 evaluation rows with answers of very different lengths, 1 row per evaluation batch: under 2 ranks rank 0 evaluates
-# rows 0, 2, 4 (long) and rank 1 rows 1, 3 (short) plus a filler batch, so both run 3 forwards. val/loss must be the
+# rows 0, 2, 4 (long) and rank 1 rows 1, 3 (short) plus a filler batch, so both run 3 forwards. eval/loss must be the
 # token mean over all 5 rows (the single-process value), not a mean of the ranks' means.
 EVAL_ANSWER_WORDS = [150, 1, 60, 4, 100]
 
@@ -221,6 +221,6 @@ def test_val_loss_is_the_token_mean_over_ranks(dp_setup):
     assert [r["batches"] for r in ranks] == [3, 3]  # each rank evaluates its share, padded to the same count
     assert sum(r["tokens"] for r in ranks) == single["tokens"]
     assert ranks[0]["tokens"] > 5 * ranks[1]["tokens"]  # a mean of the ranks' means would be far off
-    print(f"\nval/loss: 1 process {single['val_loss']:.8f}, 2 processes {ranks[0]['val_loss']:.8f}")
+    print(f"\neval/loss: 1 process {single['val_loss']:.8f}, 2 processes {ranks[0]['val_loss']:.8f}")
     assert ranks[0]["val_loss"] == ranks[1]["val_loss"]
     assert ranks[0]["val_loss"] == pytest.approx(single["val_loss"], abs=1e-6, rel=0)

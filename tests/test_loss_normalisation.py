@@ -80,7 +80,7 @@ def test_one_step_equals_full_batch_token_mean(setup, micro, accum, kwargs):
     # the step did move the weights (a zero learning rate would pass the comparison trivially)
     initial = {n: p.detach() for n, p in load_model(setup["model_dir"]).named_parameters()}
     assert max_abs_diff(model_params(module), initial) > 1e-3
-    assert module.last_step_metrics["train/num_loss_tokens"] == sum(len(r) - 1 for r in setup["ids"])
+    assert module.last_step_metrics["train/step_loss_tokens"] == sum(len(r) - 1 for r in setup["ids"])
 
 
 @pytest.mark.parametrize("micro", [1, 2])

@@ -32,8 +32,8 @@ N_ROWS, EPOCHS, STEPS_PER_EPOCH = 10, 2, 3
 N = EPOCHS * STEPS_PER_EPOCH
 LR = 1e-2  # large enough that the weights, and so the losses, change visibly from step to step
 TOL = 1e-6
-COMPARED = ("global_step", "epoch", "rows", "lrs", "train/loss", "train/num_loss_tokens", "train/num_tokens",
-            "train/tokens_seen", "train/token_accuracy")
+COMPARED = ("global_step", "epoch", "rows", "lrs", "train/loss", "train/step_loss_tokens", "train/step_tokens",
+            "train/num_tokens", "train/mean_token_accuracy")
 
 
 def _fit(paths, root, callbacks=(), ckpt_path=None, **trainer_kwargs):
@@ -177,7 +177,7 @@ def test_cli_kill_and_auto_resume(reference, tmp_path, monkeypatch):
     for step in range(5, N + 1):
         assert logged[step]["train/loss"] == pytest.approx(want[step]["train/loss"], abs=TOL, rel=0)
         assert logged[step]["train/learning_rate"] == pytest.approx(want[step]["lrs"][0], abs=1e-12, rel=0)
-        assert logged[step]["train/tokens_seen"] == want[step]["train/tokens_seen"]
+        assert logged[step]["train/num_tokens"] == want[step]["train/num_tokens"]
     # The CSV history of the killed run is kept (Lightning's CSVLogger would delete it), with no duplicated step.
     with open(out / "logs" / "metrics.csv") as f:
         assert [int(float(row["step"])) for row in csv.DictReader(f)] == list(range(1, N + 1))
@@ -278,7 +278,7 @@ def test_resume_in_a_later_epoch_with_workers_is_exact(matrix, tmp_path, workers
     got = before.steps + after.steps
     assert [s["global_step"] for s in got] == list(range(1, total + 1))
     for g, w in zip(got, want):
-        for key in ("epoch", "rows", "lrs", "train/loss", "train/num_loss_tokens", "train/tokens_seen",
+        for key in ("epoch", "rows", "lrs", "train/loss", "train/step_loss_tokens", "train/num_tokens",
                     "train/grad_norm"):
             assert g[key] == w[key], (g["global_step"], key, g[key], w[key])
     assert weight_digest(module) == reference["digests"][total], "final weights differ from the uninterrupted run"

@@ -69,7 +69,7 @@ def _reference(model, data_kwargs: dict) -> dict[str, float]:
             loss_sum += torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
             tokens += int(mask.sum())
             correct += int((logits.argmax(-1)[mask] == target[mask]).sum())
-    return {"val/loss": loss_sum / tokens, "val/token_accuracy": correct / tokens, "val/num_loss_tokens": tokens}
+    return {"eval/loss": loss_sum / tokens, "eval/mean_token_accuracy": correct / tokens, "eval/loss_tokens": tokens}
 
 
 def _validate(*args: str) -> dict[str, float]:
@@ -82,9 +82,9 @@ def _validate(*args: str) -> dict[str, float]:
 
 def _check(got: dict[str, float], expected: dict[str, float]) -> None:
     print(f"\nlit_sft validate {got}\nreference        {expected}")
-    assert got["val/num_loss_tokens"] == expected["val/num_loss_tokens"]
-    assert got["val/loss"] == pytest.approx(expected["val/loss"], rel=1e-5)
-    assert got["val/token_accuracy"] == pytest.approx(expected["val/token_accuracy"], abs=1e-9)
+    assert got["eval/loss_tokens"] == expected["eval/loss_tokens"]
+    assert got["eval/loss"] == pytest.approx(expected["eval/loss"], rel=1e-5)
+    assert got["eval/mean_token_accuracy"] == pytest.approx(expected["eval/mean_token_accuracy"], abs=1e-9)
 
 
 def test_exported_folder_matches_plain_transformers(setup, tmp_path, monkeypatch):
@@ -106,7 +106,7 @@ def test_checkpoint_matches_plain_transformers(setup):
     got = _validate("--config", setup["config"], "--ckpt_path", setup["ckpt"])
     _check(got, expected)
     folder = _reference(AutoModelForCausalLM.from_pretrained(setup["folder"], dtype=torch.float32), setup["data"])
-    assert abs(got["val/loss"] - folder["val/loss"]) > 1e-3  # the checkpoint's weights, not the config's base model
+    assert abs(got["eval/loss"] - folder["eval/loss"]) > 1e-3  # the checkpoint's weights, not the config's base model
 
 
 @pytest.mark.slow
@@ -131,7 +131,7 @@ def test_two_processes_give_the_same_numbers(setup, strategy):
     assert done.returncode == 0, done.stderr[-3000:]
     if strategy == "zero3":
         assert "parameters, gradients and optimizer states partitioned" in done.stderr
-    found = re.search(r"val/loss (\S+), val/token_accuracy (\S+) over (\d+) supervised tokens", done.stderr)
+    found = re.search(r"eval/loss (\S+), eval/mean_token_accuracy (\S+) over (\d+) supervised tokens", done.stderr)
     assert found, done.stderr[-3000:]
-    _check({"val/loss": float(found.group(1)), "val/token_accuracy": float(found.group(2)),
-            "val/num_loss_tokens": float(found.group(3))}, expected)
+    _check({"eval/loss": float(found.group(1)), "eval/mean_token_accuracy": float(found.group(2)),
+            "eval/loss_tokens": float(found.group(3))}, expected)

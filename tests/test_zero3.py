@@ -71,7 +71,7 @@ def test_two_ranks_equal_single_process_and_reference(run):
     assert to_single < 1e-6 and to_reference < 1e-6
     assert max_abs_diff(run["params"], initial) > 1e-3
     assert run["report"]["global_step"] == 2
-    assert run["report"]["last_step_metrics"]["train/num_loss_tokens"] == sum(len(r) - 1 for r in ids[4:])
+    assert run["report"]["last_step_metrics"]["train/step_loss_tokens"] == sum(len(r) - 1 for r in ids[4:])
 
 
 def test_export_holds_full_tied_weights(run):

@@ -207,6 +207,7 @@ def load_split(
         dataset_name: hub id (``open-r1/OpenR1-Math-220k``), a folder written by ``save_to_disk`` (a ``DatasetDict``
             or a single ``Dataset``), a folder of data files, or a single ``.json/.jsonl/.parquet/.csv/.arrow`` file.
             A single file or a single saved ``Dataset`` has no splits: it is the training split.
+            ``pkg://package/path``: inside an installed package (see :func:`resolve_path`).
         split: split name (``train``, ``test``).
         dataset_config: the dataset's configuration name (``default``, ``all``, ...).
         data_files: passed to ``load_dataset`` as is.
@@ -238,6 +239,7 @@ def _load_split(dataset_name: str, split: str, dataset_config: Optional[str], da
     import datasets
 
     source = f"data.dataset_name={dataset_name!r}"
+    dataset_name = resolve_path(dataset_name)  # pkg://lit_sft/data/tiny_math.jsonl: a file shipped in a package
     path = os.path.expanduser(dataset_name)
     if _looks_local(dataset_name) and not os.path.exists(path):
         raise InputNotFoundError(f"{source}: no such file or folder (relative paths are relative to the current "

@@ -1,9 +1,9 @@
-"""A lit_sft run that evaluates after its first optimizer step, for the data-parallel ``val/loss`` test (launched as a
+"""A lit_sft run that evaluates after its first optimizer step, for the data-parallel ``eval/loss`` test (launched as a
 subprocess; Lightning re-launches this script once per extra device).
 
 Trains ``--model-dir`` for one optimizer step on ``--data`` (a folder with ``train.jsonl`` and ``test.jsonl``),
 evaluates once (``SFTEvaluation("steps", 1)``, ``per_device_eval_batch_size`` 1) and writes, from every rank,
-``--out/rank{R}.json``: ``val/loss``, the evaluation batches this rank ran, and the supervised tokens it saw.
+``--out/rank{R}.json``: ``eval/loss``, the evaluation batches this rank ran, and the supervised tokens it saw.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class CountEvaluation(L.Callback):
 
     def on_validation_end(self, trainer, module) -> None:
         if not trainer.sanity_checking:
-            self.val_loss = float(trainer.callback_metrics["val/loss"])
+            self.val_loss = float(trainer.callback_metrics["eval/loss"])
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ class Record(L.Callback):
         if trainer.is_global_zero:
             with open(os.path.join(self.out, "steps.jsonl"), "a") as f:
                 f.write(json.dumps({"step": trainer.global_step, "loss": metrics["train/loss"],
-                                    "tokens": metrics["train/num_loss_tokens"],
+                                    "tokens": metrics["train/step_loss_tokens"],
                                     "lr": metrics["train/learning_rate"]}) + "\n")
 
 
