@@ -32,6 +32,7 @@ means; TRL also logs ``entropy``, which lit_sft does not compute. The other name
 | ``train/loss/<source>`` | nats per supervised token | token-mean loss of each mixture source's rows in the step |
 | ``eval/loss`` | nats per supervised token | token mean over the whole evaluation split, every rank |
 | ``eval/loss_tokens`` | tokens | supervised tokens of the evaluation split |
+| ``eval/mean_token_accuracy`` | fraction (0-1) | share of the evaluation split's supervised tokens the argmax predicts |
 """
 
 from __future__ import annotations

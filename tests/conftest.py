@@ -16,6 +16,33 @@ TINY_QWEN2 = dict(model_type="qwen2", vocab_size=151936, hidden_size=32, interme
                   tie_word_embeddings=True)
 
 
+# Lightning's DeepSpeed strategy writes these into ``os.environ`` when it sets up in the test process (and DeepSpeed
+# reads them back); left there, a later ``--trainer.devices 2`` subprocess sees ``LOCAL_RANK``, takes itself for an
+# externally launched rank and waits for a rank 1 that is never started (the CI hang of test_zero3).
+DISTRIBUTED_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK",
+                         "LOCAL_WORLD_SIZE", "GROUP_RANK")
+_START = {name: os.environ.get(name) for name in DISTRIBUTED_VARIABLES}
+
+
+def _restore_distributed_variables() -> None:
+    for name, value in _START.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Every test (and the module fixtures it sets up) starts from the session's distributed variables."""
+    _restore_distributed_variables()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    _restore_distributed_variables()
+
+
 def shared(*parts: str) -> str:
     """Path under ../shared/data; skips the test when it is absent."""
     path = os.path.join(SHARED_DATA, *parts)

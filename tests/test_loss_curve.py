@@ -4,7 +4,7 @@
   it and holds the preprocessing report (issue 12's acceptance point): ``tests/test_cli.py::
   test_tiny_config_end_to_end`` checks it on the run it already makes.
 * The history behind the curve is the run's own: every optimizer step's ``train/loss`` and learning rate, and every
-  evaluation's ``val/loss``, equal to what the CSV logger recorded, and it survives a kill and a resume (the
+  evaluation's ``eval/loss``, equal to what the CSV logger recorded, and it survives a kill and a resume (the
   checkpoint carries it); ``lit_sft export`` from the checkpoint draws the same curve.
 * Drawing never fails a run: without matplotlib the run finishes, warns, and the card has no image.
 """
@@ -85,7 +85,7 @@ def test_history_is_the_runs_and_survives_a_kill_and_resume(tmp_path, monkeypatc
         assert loss == pytest.approx(csv[step][TRAIN_LOSS], rel=1e-12)
         assert lr == pytest.approx(csv[step][LEARNING_RATE], rel=1e-12)
     assert [s for s, _ in history.evals] == [2, 4]
-    assert all(0 <= csv[step]["val/token_accuracy"] <= 1 for step in (2, 4))  # logged with val/loss during fit
+    assert all(0 <= csv[step]["eval/mean_token_accuracy"] <= 1 for step in (2, 4))  # logged with eval/loss during fit
     for step, loss in history.evals:
         assert loss == pytest.approx(csv[step][EVAL_LOSS], rel=1e-6)  # the progress-bar value is float32
 

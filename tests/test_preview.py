@@ -160,6 +160,6 @@ def test_commands_are_listed_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for listed in ("preview: Show what a config trains on", "chat: Talk to the trained model", "{fit,validate}",
-                   "export: Write the Hugging Face folder"):
-        assert listed in text
+    for listed in ("preview Show what a config trains on", "chat Talk to the trained model", "{fit,validate}",
+                   "export Write the Hugging Face folder", "validate "):
+        assert listed in text, listed

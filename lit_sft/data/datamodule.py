@@ -446,7 +446,7 @@ class SFTDataModule(L.LightningDataModule):
         """This rank's share of the evaluation rows (rows ``rank, rank + world_size, ...``), in batches of
         ``per_device_eval_batch_size``. Every rank runs the same number of batches (ZeRO-3 gathers parameters
         collectively in each forward): a rank with fewer rows gets filler batches (one row, every label masked,
-        adding nothing to ``val/loss``). The loader draws its worker seed from its own generator, so evaluation
+        adding nothing to ``eval/loss``). The loader draws its worker seed from its own generator, so evaluation
         leaves the global RNG, and with it training, untouched. With ``do_eval: false``, ``[]`` (never requested
         during ``fit``: :class:`lit_sft.evaluation.SFTEvaluation` turns validation off first).
         """
