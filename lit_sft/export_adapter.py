@@ -11,7 +11,7 @@ like a full fine-tuning export (:func:`lit_sft.export.save_hf_folder`: tied embe
 
 Where the base weights of the merge come from: the model in training memory (gathered from ZeRO-3), rebuilt on the
 ``meta`` device and filled with those tensors (``load_state_dict(assign=True)``), so nothing is allocated twice and
-the training model is never modified; a 4-bit (QLoRA) base is not merged into its quantised weights but into the
+the training model is never modified (peft's ``safe_merge`` writes each merged weight to a new tensor); a 4-bit (QLoRA) base is not merged into its quantised weights but into the
 16-bit base rebuilt from ``model_name_or_path`` (the QLoRA paper's and peft's recommended merge).
 """
 
@@ -78,7 +78,7 @@ def merged_model(peft_model: torch.nn.Module, state_dict: dict[str, torch.Tensor
             fresh = get_peft_model(type(hf)(copy.deepcopy(hf.config)), config)
         fresh.load_state_dict(state_dict, strict=False, assign=True)
         fresh.get_base_model().tie_weights()  # a tied lm_head follows the assigned embeddings
-    merged = fresh.merge_and_unload()
+    merged = fresh.merge_and_unload(safe_merge=True)  # out of place: the assigned tensors are the training model's
     empty = [n for n, p in merged.named_parameters() if p.is_meta]
     if empty:
         raise ValueError(f"the weights to merge lack {empty[:3]}")
