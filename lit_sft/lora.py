@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import json
 from contextlib import contextmanager
 from typing import Any, Generator, Mapping, Optional
 
@@ -212,29 +213,45 @@ def trainable_names(model: torch.nn.Module, prefix: str = "") -> list[str]:
     return [prefix + name for name, p in model.named_parameters() if p.requires_grad]
 
 
+_SAME_FUNCTION = ("lora_alpha", "use_rslora", "alpha_pattern", "use_dora", "lora_bias")
+"""Adapter settings that must match on resume besides the parameter shapes (they change what the weights compute)."""
+
+
 def adapter_checkpoint_record(model: torch.nn.Module, config: Any, prefix: str = "model.") -> dict[str, Any]:
-    """``checkpoint["lit_sft_adapter"]``: the names of the trained parameters (as in the module's ``state_dict``)
-    and the adapter config, checked when the checkpoint is loaded (:func:`check_adapter_checkpoint`)."""
-    return {"trainable": trainable_names(model, prefix), "config": config.to_dict()}
+    """``checkpoint["lit_sft_adapter"]``: the shapes of the trained parameters by name (as in the module's
+    ``state_dict``) and the adapter config (plain types), checked when the checkpoint is loaded
+    (:func:`check_adapter_checkpoint`)."""
+    plain = json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    shapes = {prefix + n: list(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters() if p.requires_grad}
+    return {"trainable": shapes, "config": plain}
 
 
-def check_adapter_checkpoint(checkpoint: Mapping[str, Any], model: torch.nn.Module, prefix: str = "model.") -> None:
-    """Check that a checkpoint holds exactly the adapter this run trains, before its weights are used.
+def check_adapter_checkpoint(checkpoint: Mapping[str, Any], model: torch.nn.Module, config: Any,
+                             prefix: str = "model.") -> None:
+    """Check that a checkpoint holds exactly the adapter this run trains, before its weights are used: the same
+    trained parameters with the same shapes, and the same scaling settings (:data:`_SAME_FUNCTION`).
 
     Raises:
-        ValueError: the checkpoint is a full-weight one, or its trained parameters are not this model's (another
-            ``r``, ``target_modules``, ...): the message names the first differing parameters and the fix.
+        ValueError: the checkpoint is a full-weight one, or its adapter differs (the message names the first
+            differing parameters or settings, and the fix).
     """
     record = checkpoint.get("lit_sft_adapter")
     if record is None:
         raise ValueError("this checkpoint holds full weights (it was written without model.peft); resume it without "
                          "model.peft, or start the adapter run in a new run.output_dir")
-    want, have = set(trainable_names(model, prefix)), set(record["trainable"])
-    if want != have:
-        missing, extra = sorted(want - have)[:3], sorted(have - want)[:3]
-        raise ValueError(f"the checkpoint's adapter does not fit model.peft as given (checkpoint: {record['config']}): "
-                         f"parameters missing from it {missing}, parameters this model does not have {extra}; "
-                         "resume with the checkpoint's model.peft or start a new run.output_dir")
+    want = adapter_checkpoint_record(model, config, prefix)
+    fix = "resume with the checkpoint's model.peft (its hyper_parameters hold it) or start a new run.output_dir"
+    if want["trainable"] != record["trainable"]:
+        differ = sorted(n for n in set(want["trainable"]) | set(record["trainable"])
+                        if want["trainable"].get(n) != record["trainable"].get(n))
+        shown = [(n, record["trainable"].get(n), want["trainable"].get(n)) for n in differ[:2]]
+        raise ValueError(f"the checkpoint's adapter does not fit model.peft as given: {len(differ)} parameters differ, "
+                         f"e.g. (name, checkpoint shape, shape now) {shown}; {fix}")
+    changed = {k: (record["config"].get(k), want["config"].get(k)) for k in _SAME_FUNCTION
+               if record["config"].get(k) != want["config"].get(k)}
+    if changed:
+        raise ValueError(f"the checkpoint's adapter does not fit model.peft as given: {changed} (checkpoint, now); "
+                         f"{fix}")
 
 
 def lora_matmul_params(model: torch.nn.Module) -> float:

@@ -468,7 +468,7 @@ class SFTModule(L.LightningModule):
             record = adapter_checkpoint_record(self.model, self.adapter_config)
             checkpoint["lit_sft_adapter"] = record
             if "state_dict" in checkpoint:
-                keep = set(record["trainable"])
+                keep = set(record["trainable"])  # names
                 checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -479,7 +479,7 @@ class SFTModule(L.LightningModule):
             ValueError: an adapter checkpoint without ``model.peft``, or the reverse, or another adapter shape.
         """
         if self.adapter_config is not None:
-            check_adapter_checkpoint(checkpoint, self.model)
+            check_adapter_checkpoint(checkpoint, self.model, self.adapter_config)
         elif "lit_sft_adapter" in checkpoint:
             raise ValueError("this checkpoint holds a LoRA adapter, not full weights: resume it with the model.peft "
                              "it was trained with (its hyper_parameters hold it)")
