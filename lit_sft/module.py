@@ -309,8 +309,9 @@ class SFTModule(L.LightningModule):
             seq_lens = self.sequence_lengths(batch) if "cu_seq_lens_q" in batch else None
             sources = token_sources(batch["source_ids"], labels.shape, seq_lens)
             num_sources = len(batch["source_names"])
-        return chunked_token_loss_sum(hidden, self.model.get_output_embeddings(), labels, chunk, num_chunks, sources,
-                                      num_sources)
+        lm_head = self.model.get_output_embeddings()
+        reentrant = self.zero3 and not lm_head.weight.requires_grad  # LoRA under ZeRO-3: see chunked_token_loss_sum
+        return chunked_token_loss_sum(hidden, lm_head, labels, chunk, num_chunks, sources, num_sources, reentrant)
 
     # -- training ------------------------------------------------------------------------------------------------
     def training_step(self, batch: SFTBatch, batch_idx: int) -> None:
@@ -459,17 +460,26 @@ class SFTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoint ----------------------------------------------------------------------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``nn.Module.state_dict``; with ``model.peft``, of the model only the trained parameters: the frozen base
+        (tied copies such as ``lm_head.weight`` included) is rebuilt from ``model_name_or_path``. This is what
+        Lightning's checkpoints and DeepSpeed's module states hold (DeepSpeed's ``exclude_frozen_parameters`` alone
+        keeps a tied frozen weight, since ``named_parameters`` lists it once)."""
+        state = super().state_dict(*args, **kwargs)
+        if self.adapter_config is None or self.model is None:
+            return state
+        prefix = kwargs.get("prefix", "") + "model."
+        trained = {prefix + name for name, p in self.model.named_parameters() if p.requires_grad}
+        for key in [k for k in state if k.startswith(prefix) and k not in trained]:
+            del state[key]
+        return state
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Adds the step metrics' state; with ``model.peft`` keeps only the trained parameters in the checkpoint's
-        ``state_dict`` and records which they are (``checkpoint["lit_sft_adapter"]``; DeepSpeed writes its module
-        states itself, with ``exclude_frozen_parameters``)."""
+        """Adds the step metrics' state and, with ``model.peft``, the record of the trained adapter
+        (``checkpoint["lit_sft_adapter"]``, checked on load)."""
         checkpoint["lit_sft_metrics"] = {**self.step_metrics.state_dict(), "nonfinite_steps": self._nonfinite_steps}
         if self.adapter_config is not None:
-            record = adapter_checkpoint_record(self.model, self.adapter_config)
-            checkpoint["lit_sft_adapter"] = record
-            if "state_dict" in checkpoint:
-                keep = set(record["trainable"])  # names
-                checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+            checkpoint["lit_sft_adapter"] = adapter_checkpoint_record(self.model, self.adapter_config)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restores the step metrics' state. An adapter checkpoint must hold this run's adapter (the frozen base
