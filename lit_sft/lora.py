@@ -199,8 +199,12 @@ def add_adapters(model: torch.nn.Module, config: Any, deepspeed: bool = False, q
                          "model.use_liger_kernel: false")
     from peft.tuners.lora import LoraLayer
 
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in peft_model.parameters() if p.requires_grad)
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in peft_model.parameters())
+    def numel(p: torch.Tensor) -> int:  # ZeRO-3 shards and 4-bit packed weights count whole
+        quant = getattr(p, "quant_state", None)
+        return int(quant.shape.numel()) if quant is not None else getattr(p, "ds_numel", p.numel())
+
+    trainable = sum(numel(p) for p in peft_model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in peft_model.parameters())
     layers = sum(isinstance(m, LoraLayer) for m in peft_model.modules())
     rank_zero_info(f"LoRA: {trainable:,} of {total:,} parameters train ({trainable / max(total, 1):.3%}): r={config.r}, "
                    f"lora_alpha={config.lora_alpha}, target_modules={config.target_modules!r} ({layers} layers)"

@@ -196,3 +196,24 @@ def test_lora_config_passes_fields_through():
     assert config.modules_to_save == ["lm_head"] and config.use_rslora and config.use_dora
     assert config.task_type == "CAUSAL_LM" and config.base_model_name_or_path == "base/path"
     assert lora_config(PEFT).r == build(PEFT).r
+
+
+def test_qwen_lora_overlay(capsys, monkeypatch):
+    """``configs/qwen_lora.yaml`` over the recipe: the recipe's keys stay, ``model.peft`` becomes a LoraConfig, and
+    ``run.merge_adapter`` reaches the export callback."""
+    import yaml
+
+    from conftest import ROOT
+    from lit_sft import SFTModule
+    from lit_sft.cli import main
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/qwen_zero3.yaml", "--config", "configs/qwen_lora.yaml", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    with open("configs/qwen_lora.yaml") as f:
+        overlay = yaml.safe_load(f)
+    assert printed["model"]["peft"] == overlay["model"]["peft"] and printed["run"]["merge_adapter"] is True
+    assert printed["data"]["max_tokens_per_micro_batch"] == 65536 and printed["model"]["use_liger_kernel"] is True
+    config = SFTModule(**{**printed["model"], "model_name_or_path": "Qwen/Qwen2.5-1.5B-Instruct"}).adapter_config
+    assert (config.r, config.lora_alpha, config.target_modules) == (16, 32, "all-linear")

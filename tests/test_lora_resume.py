@@ -29,7 +29,8 @@ N = 6
 def _config(tmp_path, paths, out, peft=PEFT, kill=None):
     config = {
         "seed_everything": 0,
-        "run": {"output_dir": str(out), "save_steps": 2, "save_total_limit": 2, "report_to": ["csv"]},
+        "run": {"output_dir": str(out), "save_steps": 2, "save_total_limit": 2, "report_to": ["csv"],
+                "merge_adapter": True},
         "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "max_epochs": 2,
                     "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False},
         "model": {"model_name_or_path": paths["model"], "torch_dtype": "float32", "attn_implementation": "sdpa",
@@ -69,8 +70,9 @@ def test_resumed_run_is_bit_identical(runs):
         for key in ("train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_seen"):
             assert b[step][key] == a[step][key], (step, key)
     assert a[N]["train/loss"] < a[1]["train/loss"]  # it trains
-    wa, wb = (load_file(str(tmp / r / "adapter_model.safetensors")) for r in ("a", "b"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    for name in ("adapter_model.safetensors", "merged/model.safetensors"):  # run.merge_adapter: true
+        wa, wb = (load_file(str(tmp / r / name)) for r in ("a", "b"))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
     print(f"\nresumed at step 4: steps 5..{N} losses {[b[s]['train/loss'] for s in (5, 6)]} equal run A's bit for bit")
 
 
