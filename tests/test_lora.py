@@ -217,3 +217,45 @@ def test_qwen_lora_overlay(capsys, monkeypatch):
     assert printed["data"]["max_tokens_per_micro_batch"] == 65536 and printed["model"]["use_liger_kernel"] is True
     config = SFTModule(**{**printed["model"], "model_name_or_path": "Qwen/Qwen2.5-1.5B-Instruct"}).adapter_config
     assert (config.r, config.lora_alpha, config.target_modules) == (16, 32, "all-linear")
+
+
+def test_load_in_4bit_on_a_cpu_trainer_is_refused_before_the_model_is_built(setup, monkeypatch):
+    """On a GPU machine with ``trainer.accelerator: cpu`` (or partitioned ZeRO-3), ``configure_model`` stops before
+    loading anything."""
+    import importlib.util
+
+    import lightning as L
+
+    from lit_sft import SFTModule
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    module = SFTModule(setup["model_dir"], load_in_4bit=True, peft=PEFT)
+    module.trainer = L.Trainer(accelerator="cpu", logger=False)
+    with pytest.raises(ValueError, match="QLoRA.*CUDA GPUs with whole parameters"):
+        module.configure_model()
+    assert module.model is None
+
+
+def test_adapter_on_lm_head_is_refused_with_fused_loss(setup):
+    """Liger's fused cross-entropy reads ``lm_head.weight`` directly: an adapter there would never train."""
+    from lit_sft.lora import add_adapters, lora_config as build
+
+    with pytest.raises(ValueError, match="adapts lm_head"):
+        add_adapters(load_model(setup["model_dir"]), build({"r": 2, "target_modules": ["lm_head", "q_proj"]}),
+                     fused_loss=True)
+    add_adapters(load_model(setup["model_dir"]), build({"r": 2, "target_modules": ["lm_head", "q_proj"]}))  # chunked
+
+
+def test_dropout_bytes_per_token(setup):
+    """LoRA dropout keeps each adapted layer's dropped input (2 bytes) and mask (1 byte) per token."""
+    from lit_sft.lora import add_adapters, dropout_bytes_per_token, lora_config as build
+
+    model = load_model(setup["model_dir"])
+    config = model.config
+    none = add_adapters(load_model(setup["model_dir"]), build(PEFT))
+    some = add_adapters(model, build({**PEFT, "lora_dropout": 0.1}))
+    d, i = config.hidden_size, config.intermediate_size
+    assert dropout_bytes_per_token(none, 2) == 0
+    assert dropout_bytes_per_token(some, 2) == 3 * (6 * d + i)  # q, k, v, o, gate, up read d; down reads i
