@@ -311,6 +311,8 @@ class SFTModule(L.LightningModule):
             num_sources = len(batch["source_names"])
         lm_head = self.model.get_output_embeddings()
         reentrant = self.zero3 and not lm_head.weight.requires_grad  # LoRA under ZeRO-3: see chunked_token_loss_sum
+        if reentrant and torch.is_grad_enabled() and not hidden.requires_grad:  # an adapter on lm_head alone
+            hidden = hidden.detach().requires_grad_()  # reentrant recomputation needs an input that requires grad
         return chunked_token_loss_sum(hidden, lm_head, labels, chunk, num_chunks, sources, num_sources, reentrant)
 
     # -- training ------------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 
 from sft_helpers import QWEN_TOKENIZER, Killed, chat_rows, read_metrics_csv, save_tiny_model, write_jsonl
 
+pytestmark = pytest.mark.slow  # three CLI runs (about 35 s on 2 cores)
+
 PEFT = {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
 N = 6
 
