@@ -21,9 +21,13 @@ lit_sft writes no adapter layers of its own; everything here configures peft and
   keeps fp32 master weights of what trains anyway); otherwise peft keeps them in fp32 on a 16-bit base. QLoRA
   adapters are bf16 (as TRL, following the QLoRA paper). With gradient checkpointing the input embeddings' output
   requires grad (``enable_input_require_grads``), so that reentrant recomputation reaches the adapters.
-* **What a checkpoint holds** (:func:`adapter_checkpoint_record`, :func:`check_adapter_checkpoint`): the trainable
-  parameters and their optimizer state only; the base is rebuilt from ``model_name_or_path`` on resume, which is why
-  ``random_init`` is refused with ``model.peft``.
+* **What a checkpoint holds**: the trainable parameters and their optimizer state only (``SFTModule.state_dict``
+  leaves the frozen base out, tied copies included; DeepSpeed saves with ``exclude_frozen_parameters``), plus
+  :func:`adapter_checkpoint_record`, which :func:`check_adapter_checkpoint` compares on load. The base is rebuilt
+  from ``model_name_or_path`` on resume, which is why ``random_init`` is refused with ``model.peft``.
+* **ZeRO-3 and recomputation**: a frozen weight that ZeRO-3 partitions breaks PyTorch's non-reentrant checkpoint
+  (deepspeedai/DeepSpeed#4332). DeepSpeed 0.19.8 handles it inside the decoder layers; lit_sft's chunked loss
+  recomputes ``lm_head`` reentrantly then (:func:`lit_sft.loss.chunked_token_loss_sum`).
 * **MFU** (:func:`lora_matmul_params`): a frozen weight costs 4 FLOPs per token (forward, and the gradient of its
   input), not 6: it gets no weight gradient.
 
