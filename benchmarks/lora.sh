@@ -53,8 +53,9 @@ else
   W=/tmp/lora_bench; STEPS=${STEPS:-8}
   mkdir -p $W; rm -rf $W/full* $W/lora* $W/qlora*
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  $PY -c "import torch, peft, bitsandbytes; print('torch', torch.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__)"
-  [ -f $W/init/model.safetensors ] || $PY benchmarks/make_init.py $DATA/qwen2.5-1.5b-instruct-config $W/init > $W/init.log 2>&1
+  $PY -c "import torch, peft, bitsandbytes as b; print(torch.__version__, 'peft', peft.__version__, 'bnb', b.__version__)"
+  [ -f $W/init/model.safetensors ] ||
+    $PY benchmarks/make_init.py $DATA/qwen2.5-1.5b-instruct-config $W/init > $W/init.log 2>&1
   SETUP=(--data.dataset_name $DATA/r1_traces_mmlu_pro.jsonl --data.tokenizer_name_or_path $DATA/qwen2.5-tokenizer)
 fi
 echo "setup: $(( $(date +%s) - T0 )) s"

@@ -79,8 +79,9 @@ def main() -> None:
             print(f"{name:8s} {r['steps']:5d}  did not train: {r.get('error', 'no metrics')}")
             continue
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        peak = r["peak_mem_gib"] or float("nan")
         print(f"{name:8s} {r['steps']:5d} {r['tokens_per_s']:10.0f} {ratio:>8s} {r.get('mfu', float('nan')):6.1%} "
-              f"{r['peak_mem_gib'] or float('nan'):9.1f} {r['step_s']:7.2f} {r['loss_first']:9.4f} {r['loss_last']:9.4f} "
+              f"{peak:9.1f} {r['step_s']:7.2f} {r['loss_first']:9.4f} {r['loss_last']:9.4f} "
               f"{r.get('trained_params', 'all'):>15s} {r.get('recompute_layers', '-'):>9s}")
     print("SUMMARY " + json.dumps(runs, sort_keys=True))
 

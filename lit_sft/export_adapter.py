@@ -11,8 +11,9 @@ like a full fine-tuning export (:func:`lit_sft.export.save_hf_folder`: tied embe
 
 Where the base weights of the merge come from: the model in training memory (gathered from ZeRO-3), rebuilt on the
 ``meta`` device and filled with those tensors (``load_state_dict(assign=True)``), so nothing is allocated twice and
-the training model is never modified (peft's ``safe_merge`` writes each merged weight to a new tensor); a 4-bit (QLoRA) base is not merged into its quantised weights but into the
-16-bit base rebuilt from ``model_name_or_path`` (the QLoRA paper's and peft's recommended merge).
+the training model is never modified (peft's ``safe_merge`` writes each merged weight to a new tensor); a 4-bit
+(QLoRA) base is not merged into its quantised weights but into the 16-bit base rebuilt from ``model_name_or_path``
+(the QLoRA paper's and peft's recommended merge).
 """
 
 from __future__ import annotations

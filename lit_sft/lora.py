@@ -86,12 +86,14 @@ def lora_config(peft: Mapping[str, Any], model_name_or_path: Optional[str] = Non
         raise ValueError(f"model.peft.method={method!r}: lit_sft trains {list(METHODS)} adapters (DoRA: "
                          "use_dora: true, rsLoRA: use_rslora: true)")
     if "load_in_4bit" in values:
-        raise ValueError("model.peft.load_in_4bit: QLoRA is the model key model.load_in_4bit: true (next to model.peft)")
-    for key in sorted(set(values) & set(_SET_HERE)):
-        raise ValueError(f"model.peft.{key} is set by lit_sft ({_SET_HERE[key]}); remove it")
+        raise ValueError("model.peft.load_in_4bit: QLoRA is a model key: set model.load_in_4bit: true")
+    ours = sorted(set(values) & set(_SET_HERE))
+    if ours:
+        raise ValueError(f"model.peft.{ours[0]} is set by lit_sft ({_SET_HERE[ours[0]]}); remove it")
     known = lora_fields()
-    for key in sorted(set(values) - set(known)):
-        raise ValueError(f"model.peft.{key}: not a field of peft's LoraConfig (known: {known})")
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"model.peft.{unknown[0]}: not a field of peft's LoraConfig (known: {known})")
     try:
         return LoraConfig(task_type="CAUSAL_LM", base_model_name_or_path=model_name_or_path, revision=revision,
                           **values)
@@ -210,8 +212,9 @@ def add_adapters(model: torch.nn.Module, config: Any, deepspeed: bool = False, q
     trainable = sum(numel(p) for p in peft_model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in peft_model.parameters())
     layers = sum(isinstance(m, LoraLayer) for m in peft_model.modules())
-    rank_zero_info(f"LoRA: {trainable:,} of {total:,} parameters train ({trainable / max(total, 1):.3%}): r={config.r}, "
-                   f"lora_alpha={config.lora_alpha}, target_modules={config.target_modules!r} ({layers} layers)"
+    rank_zero_info(f"LoRA: {trainable:,} of {total:,} parameters train ({trainable / max(total, 1):.3%}): "
+                   f"r={config.r}, lora_alpha={config.lora_alpha}, target_modules={config.target_modules!r} "
+                   f"({layers} layers)"
                    f"{', on a 4-bit base (QLoRA)' if quantized else ''}")
     return peft_model
 

@@ -6,9 +6,10 @@ run (a real Lightning ``Trainer``) starts from seeded random adapter weights (``
 trains in the first step too); the reference (``tests/lora_harness.py``) is ``peft.get_peft_model`` on the model
 loaded with plain transformers, the same ``LoraConfig``, the same adapter weights, and ``torch.optim.AdamW`` on the
 global token mean. After the step the adapter weights agree within 1e-6, the base weights are bit for bit the
-file's, and only the adapter weights are in the optimizer. A normalisation by micro-batch means would land far outside the tolerance (checked), so the comparison
-sees the gradient scale. Also: peft's options pass through (DoRA, rsLoRA), and bad ``model.peft`` /
-``model.load_in_4bit`` settings fail before the model is built with a message that names the key.
+file's, and only the adapter weights are in the optimizer. A normalisation by micro-batch means would land far
+outside the tolerance (checked), so the comparison sees the gradient scale. Also: peft's options pass through (DoRA,
+rsLoRA), and bad ``model.peft`` / ``model.load_in_4bit`` settings fail before the model is built with a message that
+names the key.
 """
 
 from __future__ import annotations
@@ -62,14 +63,16 @@ def _check_base_untouched(setup, module):
     (2, 2, {"padding_free": True, "max_tokens_per_micro_batch": 256}),
     (2, 2, {"gradient_checkpointing": True}),
     # reentrant recomputation reaches the adapters only because the frozen embeddings' output requires grad
-    (2, 2, {"gradient_checkpointing": True, "module_kwargs": {"gradient_checkpointing_kwargs": {"use_reentrant": True}}}),
+    (2, 2, {"gradient_checkpointing": True,
+            "module_kwargs": {"gradient_checkpointing_kwargs": {"use_reentrant": True}}}),
 ], ids=["4x1", "1x4", "2x2", "token-budget", "gradient-checkpointing", "reentrant-checkpointing"])
 def test_adapter_steps_equal_peft_reference(setup, micro, accum, kwargs):
     module, init = _fit(setup, micro, accum, **kwargs)
     reference = reference_lora(setup["model_dir"], PEFT, init, [setup["ids"]] * STEPS)
     got, want = adapter_params(module.model), adapter_params(reference)
     diff = max_abs_diff(got, want)
-    moved = {kind: max((got[n] - init[n]).abs().max().item() for n in got if kind in n) for kind in ("lora_A", "lora_B")}
+    moved = {kind: max((got[n] - init[n]).abs().max().item() for n in got if kind in n)
+             for kind in ("lora_A", "lora_B")}
     print(f"{micro}x{accum} {kwargs}: max |adapter - reference| = {diff:.3e}; moved {moved}")
     assert diff < TOL
     assert min(moved.values()) > 1e-3  # both factors trained
@@ -170,10 +173,16 @@ def test_load_in_4bit_is_refused_before_the_model_is_built(setup, monkeypatch):
     with pytest.raises(ValueError, match="set model.peft too"):
         SFTModule(setup["model_dir"], load_in_4bit=True)
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+
+    def bitsandbytes(present):
+        fake = object() if present else None
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: fake if name == "bitsandbytes" else real(name, *a))
+
+    bitsandbytes(False)
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         SFTModule(setup["model_dir"], load_in_4bit=True, peft=PEFT)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
+    bitsandbytes(True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         SFTModule(setup["model_dir"], load_in_4bit=True, peft=PEFT)
@@ -229,7 +238,8 @@ def test_load_in_4bit_on_a_cpu_trainer_is_refused_before_the_model_is_built(setu
     from lit_sft import SFTModule
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     module = SFTModule(setup["model_dir"], load_in_4bit=True, peft=PEFT)
     module.trainer = L.Trainer(accelerator="cpu", logger=False)

@@ -121,5 +121,6 @@ def test_full_checkpoint_with_peft_is_refused(runs, tmp_path):
                                                     sft_data(runs["paths"]["data"]),
                                                     ckpt_path=str(tmp_path / "full.ckpt"))
     with pytest.raises(ValueError, match="holds a LoRA adapter"):
-        cpu_trainer(str(tmp_path), max_steps=8).fit(sft_module(runs["paths"]["model"]), sft_data(runs["paths"]["data"]),
-                                                    ckpt_path=str(runs["tmp"] / "b" / "checkpoints" / "step-000004.ckpt"))
+        cpu_trainer(str(tmp_path), max_steps=8).fit(
+            sft_module(runs["paths"]["model"]), sft_data(runs["paths"]["data"]),
+            ckpt_path=str(runs["tmp"] / "b" / "checkpoints" / "step-000004.ckpt"))

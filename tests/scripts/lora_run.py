@@ -46,8 +46,8 @@ class Layout(L.Callback):
             total = 0
             for _, p in params:
                 if p.requires_grad == trainable:
-                    total += {"local": p.numel(), "shard": p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel(),
-                              "full": getattr(p, "ds_numel", p.numel())}[what]
+                    shard = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                    total += {"local": p.numel(), "shard": shard, "full": getattr(p, "ds_numel", p.numel())}[what]
             return total
 
         engine = getattr(trainer.strategy, "deepspeed_engine", None)
