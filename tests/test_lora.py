@@ -65,7 +65,8 @@ def _check_base_untouched(setup, module):
     # reentrant recomputation reaches the adapters only because the frozen embeddings' output requires grad
     (2, 2, {"gradient_checkpointing": True,
             "module_kwargs": {"gradient_checkpointing_kwargs": {"use_reentrant": True}}}),
-], ids=["4x1", "1x4", "2x2", "token-budget", "gradient-checkpointing", "reentrant-checkpointing"])
+    (2, 2, {"gradient_checkpointing": True, "module_kwargs": {"gradient_checkpointing_layers": 1}}),  # selective
+], ids=["4x1", "1x4", "2x2", "token-budget", "gradient-checkpointing", "reentrant-checkpointing", "1-layer-recomputes"])
 def test_adapter_steps_equal_peft_reference(setup, micro, accum, kwargs):
     module, init = _fit(setup, micro, accum, **kwargs)
     reference = reference_lora(setup["model_dir"], PEFT, init, [setup["ids"]] * STEPS)
@@ -78,6 +79,11 @@ def test_adapter_steps_equal_peft_reference(setup, micro, accum, kwargs):
     assert min(moved.values()) > 1e-3  # both factors trained
     _check_base_untouched(setup, module)
     assert module.last_step_metrics["train/num_loss_tokens"] == sum(len(r) - 1 for r in setup["ids"])
+    if kwargs.get("gradient_checkpointing"):
+        from lit_sft.modeling import decoder_layers
+
+        count = kwargs.get("module_kwargs", {}).get("gradient_checkpointing_layers", 2)
+        assert [layer.gradient_checkpointing for layer in decoder_layers(module.model)] == [i < count for i in range(2)]
 
 
 @pytest.mark.parametrize("extra", [{"use_dora": True}, {"use_rslora": True, "target_modules": ["q_proj", "down_proj"],
