@@ -74,6 +74,7 @@ def run_args(
     log_level: Literal["debug", "info", "warning", "error"] = "info",
     export_dtype: Optional[Literal["bfloat16", "float16", "float32"]] = None,
     export_format: Literal["compatible", "transformers5"] = "compatible",
+    merge_adapter: bool = False,
 ) -> None:
     """Run-level keys of the recipe (their names follow transformers' ``TrainingArguments``).
 
@@ -118,6 +119,8 @@ def run_args(
             config values and logits as transformers 5 (adds 4.x's ``rope_theta``/``rope_scaling`` and
             ``additional_special_tokens`` next to 5.x's keys; tested in CI); ``transformers5`` writes exactly what
             ``save_pretrained`` writes. See ``lit_sft/export_compat.py``.
+        merge_adapter: a LoRA run (``model.peft``) exports its adapter to ``output_dir`` (peft's format) and, with
+            ``true``, also the merged 16-bit model to ``output_dir/merged`` (``lit_sft/export_adapter.py``).
     """
 
 
@@ -189,10 +192,12 @@ class SFTCLI(LightningCLI):
         return dict(self.config[self.subcommand]["run"]) if self.subcommand else dict(self.config["run"])
 
     def after_instantiate_classes(self) -> None:
-        """Hand ``run.export_format`` to the export callback (built in :meth:`instantiate_trainer`)."""
+        """Hand ``run.export_format`` and ``run.merge_adapter`` to the export callback (built in
+        :meth:`instantiate_trainer`)."""
         for callback in getattr(self.trainer, "callbacks", None) or []:
             if isinstance(callback, HFExport):
                 callback.export_format = self._run()["export_format"]
+                callback.merge_adapter = self._run()["merge_adapter"]
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

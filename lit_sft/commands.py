@@ -49,7 +49,7 @@ def export(config: Any, ckpt_path: Optional[str] = None) -> None:
     tokenizer = load_tokenizer(data.tokenizer_name_or_path, data.tokenizer_revision, data.chat_template,
                                data.eos_token)
     export_checkpoint(ckpt, run.output_dir, config.model.as_dict(), tokenizer, data.as_dict(), run.export_dtype,
-                      run.export_format)
+                      run.export_format, run.merge_adapter)
 
 
 def preview(config: Any, rows: int = 3, tokens: bool = False, color: Optional[bool] = None) -> None:

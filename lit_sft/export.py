@@ -278,8 +278,12 @@ def checkpoint_state_dict(path: str) -> tuple[dict[str, torch.Tensor], int]:
 
 def export_checkpoint(ckpt_path: str, output_dir: str, model_hparams: dict[str, Any], tokenizer: Any,
                       data_hparams: Optional[dict[str, Any]] = None, export_dtype: Optional[str] = None,
-                      export_format: str = "compatible") -> None:
+                      export_format: str = "compatible", merge_adapter: bool = False) -> None:
     """Write the Hugging Face folder from a checkpoint, as the end of training would have (``lit_sft export``).
+
+    A LoRA checkpoint (``model.peft``) holds the adapter only: the base is rebuilt from ``model_name_or_path`` (in
+    16 bits for a QLoRA run), the adapter loaded onto it, and :func:`lit_sft.export_adapter.save_lora_export` writes
+    the adapter folder (and the merged model with ``merge_adapter``).
 
     The model is built from ``model_hparams`` (``SFTModule``'s arguments: base model, config overrides, dtype),
     the checkpoint's weights are loaded into it strictly, then :func:`check_export` and :func:`save_hf_folder` run
@@ -297,11 +301,18 @@ def export_checkpoint(ckpt_path: str, output_dir: str, model_hparams: dict[str, 
     from lit_sft.module import SFTModule
 
     state, step = checkpoint_state_dict(ckpt_path)
-    module = SFTModule(**model_hparams)
+    module = SFTModule(**{**model_hparams, "load_in_4bit": False})  # a QLoRA adapter merges into the 16-bit base
     hp = module.hparams
     module.model, _ = build_causal_lm(hp.model_name_or_path, hp.model_revision, hp.torch_dtype, "sdpa",
                                       hp.random_init, hp.model_config)
-    module.model.load_state_dict(state, strict=True)  # copies into the model's dtype; names the keys that differ
+    if module.adapter_config is not None:
+        from lit_sft.export_adapter import load_adapter_weights
+        from lit_sft.lora import add_adapters
+
+        module.model = add_adapters(module.model, module.adapter_config)
+        load_adapter_weights(module.model, state)
+    else:
+        module.model.load_state_dict(state, strict=True)  # copies into the model's dtype; names the keys that differ
     dtype = getattr(torch, export_dtype) if export_dtype else None
     changes = check_export(output_dir, module.model, tokenizer, dtype, export_format)
     if changes:
@@ -312,7 +323,12 @@ def export_checkpoint(ckpt_path: str, output_dir: str, model_hparams: dict[str, 
     card = model_card(module, SimpleNamespace(hparams=dict(data_hparams or {}), preprocessing_report=report),
                       {"global_step": step, "checkpoint": os.path.basename(os.path.normpath(ckpt_path))}, curve)
     weights = {k: v.detach() for k, v in module.model.state_dict().items()}
-    save_hf_folder(output_dir, module.model, weights, tokenizer, card, dtype, export_format)
+    if module.adapter_config is not None:
+        from lit_sft.export_adapter import save_lora_export
+
+        save_lora_export(output_dir, module.model, weights, tokenizer, card, dtype, export_format, merge_adapter)
+    else:
+        save_hf_folder(output_dir, module.model, weights, tokenizer, card, dtype, export_format)
     rank_zero_info(f"Hugging Face model written to {output_dir} from {ckpt_path} (optimizer step {step})")
 
 
@@ -377,6 +393,8 @@ class HFExport(L.Callback):
             training dtype (16-bit under ``bf16-mixed`` with DeepSpeed).
         export_format: ``compatible`` (default: also readable by transformers 4.x, ``lit_sft/export_compat.py``)
             or ``transformers5`` (what ``save_pretrained`` writes).
+        merge_adapter: a LoRA run (``model.peft``) also writes the merged model to ``output_dir/merged``
+            (``lit_sft/export_adapter.py``); the adapter folder goes to ``output_dir`` either way.
 
     Raises:
         ValueError: ``push_to_hub`` without ``hub_model_id``.
@@ -385,13 +403,14 @@ class HFExport(L.Callback):
     def __init__(self, output_dir: str, push_to_hub: bool = False, hub_model_id: Optional[str] = None,
                  hub_strategy: Literal["every_save", "end"] = "every_save", hub_private_repo: Optional[bool] = None,
                  save_steps: Optional[int] = None, export_dtype: Optional[str] = None,
-                 export_format: str = "compatible") -> None:
+                 export_format: str = "compatible", merge_adapter: bool = False) -> None:
         if push_to_hub and not hub_model_id:
             raise ValueError("push_to_hub=true needs hub_model_id (e.g. 'my-user/Qwen2.5-1.5B-Open-R1-Distill')")
         self.output_dir, self.push_to_hub, self.hub_model_id = output_dir, push_to_hub, hub_model_id
         self.hub_strategy, self.hub_private_repo, self.save_steps = hub_strategy, hub_private_repo, save_steps
         self.export_dtype = getattr(torch, export_dtype) if export_dtype else None
         self.export_format = export_format
+        self.merge_adapter = merge_adapter
         self._error: Optional[BaseException] = None
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -425,11 +444,28 @@ class HFExport(L.Callback):
                 metrics["global_step"] = trainer.global_step
                 curve = write_loss_curve(find_loss_curve(trainer), self.output_dir)
                 card = model_card(module, trainer.datamodule, metrics, curve)
-                save_hf_folder(self.output_dir, module.model, state_dict, trainer.datamodule.tokenizer, card,
-                               self.export_dtype, self.export_format)
+                if getattr(module, "adapter_config", None) is not None:  # LoRA: the adapter (and merged) folders
+                    self._export_lora(module, state_dict, card)
+                else:
+                    save_hf_folder(self.output_dir, module.model, state_dict, trainer.datamodule.tokenizer, card,
+                                   self.export_dtype, self.export_format)
                 rank_zero_info(f"Hugging Face model written to {self.output_dir}")
         finally:  # a failure on rank 0 must not leave the other ranks waiting
             trainer.strategy.barrier("lit_sft_export")
+
+    def _export_lora(self, module: L.LightningModule, state_dict: dict[str, torch.Tensor], card: str) -> None:
+        """Rank 0: :func:`lit_sft.export_adapter.save_lora_export` (a QLoRA merge rebuilds the 16-bit base)."""
+        from lit_sft.export_adapter import save_lora_export
+        from lit_sft.modeling import build_causal_lm
+
+        hp = module.hparams
+
+        def base_16bit() -> torch.nn.Module:
+            return build_causal_lm(hp.model_name_or_path, hp.model_revision, hp.torch_dtype, "sdpa", False,
+                                   hp.model_config)[0]
+
+        save_lora_export(self.output_dir, module.model, state_dict, module.trainer.datamodule.tokenizer, card,
+                         self.export_dtype, self.export_format, self.merge_adapter, base_16bit)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         """With ``push_to_hub`` and ``hub_strategy: every_save``: at every ``save_steps``-th optimizer step, export

@@ -92,7 +92,8 @@ def backward_scale(num_items_in_batch: int, world_size: int) -> float:
 
 def chunked_token_loss_sum(hidden_states: Tensor, lm_head: torch.nn.Module, labels: Tensor,
                            chunk_size: int = 4096, num_chunks: Optional[int] = None,
-                           token_sources: Optional[Tensor] = None, num_sources: int = 0) -> LossSums:
+                           token_sources: Optional[Tensor] = None, num_sources: int = 0,
+                           reentrant: bool = False) -> LossSums:
     """:func:`token_loss_sum` without materialising the ``[B, T, V]`` logits.
 
     The shifted positions are processed ``chunk_size`` tokens at a time; each chunk's projection + cross-entropy is
@@ -113,6 +114,11 @@ def chunked_token_loss_sum(hidden_states: Tensor, lm_head: torch.nn.Module, labe
         token_sources: ``[B, T]`` long, the mixture source of each position's row (:func:`token_sources`); the
             per-token losses are then also summed per source (``scatter_add``) into ``source_loss_sums``.
         num_sources: ``K``, the number of sources.
+        reentrant: recompute each chunk with PyTorch's reentrant checkpoint. Needed when ``lm_head`` is frozen and
+            partitioned by ZeRO-3 (LoRA): non-reentrant recomputation keeps a reference to a frozen weight, which
+            ZeRO-3 re-partitions right after the recomputed forward, and fails with ``CheckpointError`` (shape
+            ``[0]``; deepspeedai/DeepSpeed#4332); the reentrant one recomputes inside the chunk's own backward, where
+            ZeRO-3's hooks gather the weight. Same values either way. ``hidden_states`` must require grad.
 
     Returns:
         :class:`LossSums`: ``(loss_sum, num_tokens, num_correct)`` as :func:`token_loss_sum`, plus the per-source
@@ -143,7 +149,7 @@ def chunked_token_loss_sum(hidden_states: Tensor, lm_head: torch.nn.Module, labe
         raise ValueError(f"num_chunks={num_chunks} cannot hold {h.shape[0]} positions in chunks of {chunk_size}")
     for start in range(0, (num_chunks or needed) * chunk_size, chunk_size):
         chunk = slice(start, start + chunk_size)
-        loss, correct, losses = checkpoint(chunk_loss, h[chunk], targets[chunk], use_reentrant=False)
+        loss, correct, losses = checkpoint(chunk_loss, h[chunk], targets[chunk], use_reentrant=reentrant)
         loss_sum = loss_sum + loss
         num_correct = num_correct + correct
         if source_sums is not None:

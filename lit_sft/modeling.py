@@ -87,6 +87,7 @@ def build_causal_lm(
     model_config: Optional[dict] = None,
     zero3_config: Optional[dict] = None,
     padding_free: bool = False,
+    quantization_config: Any = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Create the causal LM, pretrained or randomly initialised, partitioned at birth under ZeRO-3.
 
@@ -99,6 +100,8 @@ def build_causal_lm(
         model_config: config overrides, e.g. ``{"num_hidden_layers": 2}``.
         zero3_config: the DeepSpeed config dict when training with ZeRO-3, else ``None``.
         padding_free: batches will be padding-free (the attention backend must keep rows apart).
+        quantization_config: a transformers quantization config for a pretrained base (QLoRA:
+            :func:`lit_sft.lora.quantization_config`), placed on the current CUDA device by transformers.
 
     Returns:
         ``(model, hf_ds_config)``; keep ``hf_ds_config`` (``None`` without ZeRO-3) referenced as long as the model.
@@ -116,8 +119,13 @@ def build_causal_lm(
     kwargs = dict(dtype=_DTYPES[torch_dtype], attn_implementation=attn)
     config = load_config(model_name_or_path, revision, model_config)
     if random_init or model_name_or_path is None:
+        if quantization_config is not None:
+            raise ValueError("model.load_in_4bit quantises pretrained weights: set model.model_name_or_path and "
+                             "random_init: false")
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
+        if quantization_config is not None:
+            kwargs.update(quantization_config=quantization_config, device_map={"": torch.cuda.current_device()})
         model = AutoModelForCausalLM.from_pretrained(
             resolve_path(model_name_or_path), revision=revision, config=config, **kwargs
         )

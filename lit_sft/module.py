@@ -13,6 +13,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_sft.guard import NonFiniteError, nonfinite_step_message
 from lit_sft.data.batch import PADDING_FREE_KEYS, SFTBatch, check_training_batch
+from lit_sft.lora import (add_adapters, adapter_checkpoint_record, base_causal_lm, check_adapter_checkpoint,
+                          check_load_in_4bit, dropout_bytes_per_token, lora_config, lora_matmul_params,
+                          quantization_config)
 from lit_sft.loss import LossSums, backward_scale, chunked_token_loss_sum, token_sources
 from lit_sft.metrics import (EPOCH, EVAL_LOSS, EVAL_LOSS_TOKENS, EVAL_MEAN_TOKEN_ACCURACY, GRAD_NORM, LEARNING_RATE,
                              LOSS, MFU, TOKENS_PER_S, StepMetrics, device_peak_flops, matmul_params, training_flops)
@@ -46,6 +49,13 @@ class SFTModule(L.LightningModule):
         random_init: build the architecture with random weights instead of loading them (benchmarks, smoke tests).
         model_config: overrides of the model config (e.g. a tiny ``num_hidden_layers``), or, without
             ``model_name_or_path``, the whole config including ``model_type``.
+        peft: train LoRA adapters on the frozen base instead of every weight: peft's ``LoraConfig`` fields
+            (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``modules_to_save``, ``use_rslora``,
+            ``use_dora``, ...) plus ``method: lora``; ``None`` (default): full fine-tuning. Same data, loss and
+            optimizer step; checkpoints hold the adapter and its optimizer state only (the base is rebuilt from
+            ``model_name_or_path``). See ``lit_sft/lora.py`` and ``configs/qwen_lora.yaml``.
+        load_in_4bit: QLoRA: load the base in 4 bits with bitsandbytes (NF4, double quantisation, bf16 compute);
+            needs ``peft``, a CUDA GPU and bitsandbytes; not with partitioned ZeRO-3 parameters.
         use_liger_kernel: Liger's Triton kernels, including the fused linear cross-entropy that never materialises
             the ``[tokens, vocab]`` logits (recipe: true; GPU only, a warning on CPU).
         gradient_checkpointing: recompute activations in the backward pass (recipe: true).
@@ -84,6 +94,8 @@ class SFTModule(L.LightningModule):
         attn_implementation: Optional[str] = "flash_attention_2",
         random_init: bool = False,
         model_config: Optional[dict[str, Any]] = None,
+        peft: Optional[dict[str, Any]] = None,
+        load_in_4bit: bool = False,
         use_liger_kernel: bool = False,
         gradient_checkpointing: bool = True,
         gradient_checkpointing_kwargs: Optional[dict[str, Any]] = None,
@@ -108,6 +120,16 @@ class SFTModule(L.LightningModule):
         if lr_scheduler_kwargs is None:
             lr_scheduler_kwargs = {"min_lr_rate": 0.1} if lr_scheduler_type == "cosine_with_min_lr" else {}
         check_scheduler(lr_scheduler_type, lr_scheduler_kwargs)
+        check_load_in_4bit(load_in_4bit, peft)
+        self.adapter_config = None
+        if peft:
+            if random_init or model_name_or_path is None:
+                raise ValueError("model.peft trains adapters on a pretrained base that checkpoints do not hold (resume "
+                                 "and export rebuild it from model.model_name_or_path): set model_name_or_path to a "
+                                 "folder or hub id and random_init: false (save a random model with save_pretrained "
+                                 "to train adapters on one)")
+            self.adapter_config = lora_config(peft, model_name_or_path, model_revision)
+            self.strict_loading = False  # a checkpoint holds the adapter only (checked in on_load_checkpoint)
         self.lr_scheduler_kwargs = lr_scheduler_kwargs
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -144,10 +166,16 @@ class SFTModule(L.LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         zero3_init = self.zero3 and getattr(strategy, "zero3_init", True)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        quantization = None
+        if hp.load_in_4bit:
+            if self.zero3 or (strategy is not None and strategy.root_device.type != "cuda"):
+                raise ValueError("model.load_in_4bit (QLoRA) runs on CUDA GPUs with whole parameters: use one GPU, "
+                                 "ddp, or DeepSpeed with zero_stage <= 2 (or zero3_partition_parameters: false)")
+            quantization = quantization_config()
         self.model, self._hf_ds_config = build_causal_lm(
             hp.model_name_or_path, hp.model_revision, hp.torch_dtype, hp.attn_implementation, hp.random_init,
             hp.model_config, zero3_config=strategy.config if zero3_init else None,
-            padding_free=bool(getattr(datamodule, "padding_free", False)),
+            padding_free=bool(getattr(datamodule, "padding_free", False)), quantization_config=quantization,
         )
         self.model.config.use_cache = False
         self.model.train()  # from_pretrained returns eval mode, and Lightning keeps submodules' modes as they are
@@ -157,8 +185,16 @@ class SFTModule(L.LightningModule):
             if isinstance(hp.gradient_checkpointing_layers, int):
                 set_checkpointed_layers(self.model, hp.gradient_checkpointing_layers)
         self.fused_loss = apply_liger_kernels(self.model, hp.use_liger_kernel)
+        matmuls = matmul_params(self.model)
+        if self.adapter_config is not None:  # model.peft: the base freezes, peft's adapters train
+            deepspeed = isinstance(strategy, DeepSpeedStrategy)
+            self.model = add_adapters(self.model, self.adapter_config, deepspeed, hp.load_in_4bit,
+                                      hp.gradient_checkpointing, self.fused_loss)
+            if deepspeed:  # DeepSpeed writes module states itself: leave the frozen base out of its checkpoints
+                strategy.exclude_frozen_parameters = True
+            matmuls = lora_matmul_params(self.model)
         config = self.model.config
-        self._flops_args = (matmul_params(self.model), config.num_hidden_layers, config.hidden_size)
+        self._flops_args = (matmuls, config.num_hidden_layers, config.hidden_size)
 
     def num_parameters(self) -> int:
         """Parameters of the configured model, counted without building it (the strategy sizes ZeRO with it)."""
@@ -210,8 +246,10 @@ class SFTModule(L.LightningModule):
                            "micro-batch size to size against)")
             return
         stored, kept = activation_bytes_per_token(self.model.config, self.fused_loss)
+        if self.adapter_config is not None:
+            stored += dropout_bytes_per_token(self.model, len(layers))
         free, total = torch.cuda.mem_get_info(self.device)
-        numel = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+        numel = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad)
         shards = self.trainer.world_size if isinstance(self.trainer.strategy, DeepSpeedStrategy) else 1
         later = 8 * -(-numel // shards) + 4 * -(-numel // shards) + 2 * numel  # Adam moments, fp32 + 16-bit grads
         budget = free - later - total // 10 - 2 * tokens * stored  # 10% reserve; backward transients
@@ -260,8 +298,9 @@ class SFTModule(L.LightningModule):
             accuracy = getattr(out, "token_accuracy", None)  # Liger: correct / supervised, without logits
             num_correct = None if accuracy is None else (accuracy.detach().float() * num_loss_tokens).round().long()
             return LossSums(out.loss.float(), num_loss_tokens, num_correct)
-        hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                       use_cache=False, **packed).last_hidden_state
+        decoder = base_causal_lm(self.model).base_model  # the decoder stack, under the adapters if any
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
+                         **packed).last_hidden_state
         chunk, num_chunks = self.hparams.loss_chunk_size, None
         if self.zero3 and self.trainer.world_size > 1:  # ZeRO-3 gathers lm_head at each call: same count on all ranks
             mine = ((labels[:, 1:] != -100).sum() + chunk - 1).div(chunk, rounding_mode="floor").clamp(min=1)
@@ -271,8 +310,11 @@ class SFTModule(L.LightningModule):
             seq_lens = self.sequence_lengths(batch) if "cu_seq_lens_q" in batch else None
             sources = token_sources(batch["source_ids"], labels.shape, seq_lens)
             num_sources = len(batch["source_names"])
-        return chunked_token_loss_sum(hidden, self.model.get_output_embeddings(), labels, chunk, num_chunks, sources,
-                                      num_sources)
+        lm_head = self.model.get_output_embeddings()
+        reentrant = self.zero3 and not lm_head.weight.requires_grad  # LoRA under ZeRO-3: see chunked_token_loss_sum
+        if reentrant and torch.is_grad_enabled() and not hidden.requires_grad:  # an adapter on lm_head alone
+            hidden = hidden.detach().requires_grad_()  # reentrant recomputation needs an input that requires grad
+        return chunked_token_loss_sum(hidden, lm_head, labels, chunk, num_chunks, sources, num_sources, reentrant)
 
     # -- training ------------------------------------------------------------------------------------------------
     def training_step(self, batch: SFTBatch, batch_idx: int) -> None:
@@ -444,10 +486,39 @@ class SFTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoint ----------------------------------------------------------------------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``nn.Module.state_dict``; with ``model.peft``, of the model only the trained parameters: the frozen base
+        (tied copies such as ``lm_head.weight`` included) is rebuilt from ``model_name_or_path``. This is what
+        Lightning's checkpoints and DeepSpeed's module states hold (DeepSpeed's ``exclude_frozen_parameters`` alone
+        keeps a tied frozen weight, since ``named_parameters`` lists it once)."""
+        state = super().state_dict(*args, **kwargs)
+        if self.adapter_config is None or self.model is None:
+            return state
+        prefix = kwargs.get("prefix", "") + "model."
+        trained = {prefix + name for name, p in self.model.named_parameters() if p.requires_grad}
+        for key in [k for k in state if k.startswith(prefix) and k not in trained]:
+            del state[key]
+        return state
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Adds the step metrics' state and, with ``model.peft``, the record of the trained adapter
+        (``checkpoint["lit_sft_adapter"]``, checked on load)."""
         checkpoint["lit_sft_metrics"] = {**self.step_metrics.state_dict(), "nonfinite_steps": self._nonfinite_steps}
+        if self.adapter_config is not None:
+            checkpoint["lit_sft_adapter"] = adapter_checkpoint_record(self.model, self.adapter_config)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restores the step metrics' state. An adapter checkpoint must hold this run's adapter (the frozen base
+        is this run's, rebuilt from ``model_name_or_path``).
+
+        Raises:
+            ValueError: an adapter checkpoint without ``model.peft``, or the reverse, or another adapter shape.
+        """
+        if self.adapter_config is not None:
+            check_adapter_checkpoint(checkpoint, self.model, self.adapter_config)
+        elif "lit_sft_adapter" in checkpoint:
+            raise ValueError("this checkpoint holds a LoRA adapter, not full weights: resume it with the model.peft "
+                             "it was trained with (its hyper_parameters hold it)")
         state = dict(checkpoint.get("lit_sft_metrics", {}))
         self._nonfinite_steps = int(state.pop("nonfinite_steps", 0))
         self.step_metrics.load_state_dict(state)
