@@ -43,8 +43,8 @@ def from_log(run_dir: str) -> dict[str, str]:
         found["trained_params"] = m.group(1)
     if m := re.search(r"gradient_checkpointing_layers: auto: (\d+ of \d+)", text):
         found["recompute_layers"] = m.group(1)
-    errors = [line for line in text.splitlines() if re.search(r"(Error|Exception)\b", line)]
-    if errors:
+    errors = [line for line in text.splitlines() if re.search(r"^\w*(Error|Exception)\b", line.strip())]
+    if errors:  # a raised exception's last line (not a library's warning that mentions an ImportError)
         found["error"] = errors[-1].strip()[:300]
     return found
 
@@ -55,11 +55,14 @@ def summarise(run_dir: str, skip: int) -> dict:
     timed = [steps[s] for s in sorted(steps) if s > skip and steps[s].get("train/tokens_per_s")]
     if not timed:
         return out
-    seconds = [r["train/num_tokens"] / r["train/tokens_per_s"] for r in timed]
-    tokens = sum(r["train/num_tokens"] for r in timed)
+    step_tokens = [r.get("train/step_tokens", r["train/num_tokens"]) for r in timed]  # older logs: per-step num_tokens
+    seconds = [t / r["train/tokens_per_s"] for t, r in zip(step_tokens, timed)]
+    tokens = sum(step_tokens)
     out.update(tokens_per_s=tokens / sum(seconds), step_s=sum(seconds) / len(timed),
                loss_first=steps[min(steps)].get("train/loss"), loss_last=steps[max(steps)].get("train/loss"),
                peak_mem_gib=max((r.get("train/peak_mem_gib", float("nan")) for r in steps.values()), default=None))
+    if "tokens_per_s" in out:
+        out.pop("error", None)  # it trained: an error line in its log is not why it stopped
     if all("train/mfu" in r for r in timed):
         out["mfu"] = sum(r["train/mfu"] * s for r, s in zip(timed, seconds)) / sum(seconds)
     return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lit_sft.metrics import STEP_LOSS_TOKENS
 from lora_harness import PEFT, SetAdapters, adapter_params, frozen_params, lora_config, random_adapters, reference_lora
 from sft_harness import (fit_lit_sft, global_token_mean, load_model, max_abs_diff, row_losses, save_tiny_qwen2,
                          token_ids, write_rows)
@@ -78,7 +79,7 @@ def test_adapter_steps_equal_peft_reference(setup, micro, accum, kwargs):
     assert diff < TOL
     assert min(moved.values()) > 1e-3  # both factors trained
     _check_base_untouched(setup, module)
-    assert module.last_step_metrics["train/num_loss_tokens"] == sum(len(r) - 1 for r in setup["ids"])
+    assert module.last_step_metrics[STEP_LOSS_TOKENS] == sum(len(r) - 1 for r in setup["ids"])
     if kwargs.get("gradient_checkpointing"):
         from lit_sft.modeling import decoder_layers
 

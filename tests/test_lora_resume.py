@@ -20,6 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from lit_sft.metrics import NUM_TOKENS
 from sft_helpers import QWEN_TOKENIZER, Killed, chat_rows, read_metrics_csv, save_tiny_model, write_jsonl
 
 pytestmark = pytest.mark.slow  # three CLI runs (about 35 s on 2 cores)
@@ -69,7 +70,7 @@ def test_resumed_run_is_bit_identical(runs):
     a, b = (read_metrics_csv(str(tmp / r / "logs" / "metrics.csv")) for r in ("a", "b"))
     assert sorted(a) == sorted(b) == list(range(1, N + 1))
     for step in range(1, N + 1):
-        for key in ("train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_seen"):
+        for key in ("train/loss", "train/learning_rate", "train/grad_norm", NUM_TOKENS):
             assert b[step][key] == a[step][key], (step, key)
     assert a[N]["train/loss"] < a[1]["train/loss"]  # it trains
     for name in ("adapter_model.safetensors", "merged/model.safetensors"):  # run.merge_adapter: true
