@@ -49,8 +49,8 @@ _ORPHAN_RE = re.compile(r"^\.step-\d+\.ckpt\.(tmp-\d+|partial|trash-\d+)$|^\.fin
 
 
 def fsync_dir(path: str) -> None:
-    """``fsync`` a directory, so that a rename or creation inside it survives a power loss (no-op where directories
-    cannot be opened, e.g. Windows)."""
+    """``fsync`` a directory (or a file), so that a rename or creation inside it survives a power loss (no-op where
+    it cannot be opened, e.g. a directory on Windows)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -147,16 +147,7 @@ def fsync_tree(folder: str) -> None:
     local file system; a network file system has flushed them on close)."""
     for root, dirs, names in os.walk(folder):
         for name in names:
-            try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            fsync_dir(os.path.join(root, name))
         fsync_dir(root)
 
 

@@ -35,6 +35,7 @@ from lit_sft.cli_parser import SFTArgumentParser, overview
 from lit_sft.recipe import add_recipe_arguments
 from lit_sft.checkpoint_io import checkpoint_problem, newest_loadable, read_checkpoint
 from lit_sft.export import HFExport
+from lit_sft.guard import NonFiniteError
 from lit_sft.loggers import build_loggers
 from lit_sft.module import SFTModule
 from lit_sft.validation import InputError, check_ranges
@@ -311,15 +312,15 @@ class SFTCLI(LightningCLI):
         out = args["output_dir"]
         trainer = self.trainer
         if trainer.accumulate_grad_batches != 1:
-            raise ValueError("trainer.accumulate_grad_batches must stay 1: set data.gradient_accumulation_steps "
+            raise InputError("trainer.accumulate_grad_batches must stay 1: set data.gradient_accumulation_steps "
                              "(lit_sft plans whole optimizer steps)")
         if trainer.gradient_clip_val:
-            raise ValueError("trainer.gradient_clip_val is not used by lit_sft: set model.max_grad_norm")
+            raise InputError("trainer.gradient_clip_val is not used by lit_sft: set model.max_grad_norm")
         if args["save_strategy"] == "steps" and args["save_steps"] < 1:
-            raise ValueError(f"run.save_steps={args['save_steps']} must be >= 1 with run.save_strategy: steps")
+            raise InputError(f"run.save_steps={args['save_steps']} must be >= 1 with run.save_strategy: steps")
         for key, value in (("max_steps", trainer.max_steps), ("max_epochs", trainer.max_epochs)):
             if value == 0:
-                raise ValueError(f"trainer.{key}=0 would train nothing and write no model: set a positive "
+                raise InputError(f"trainer.{key}=0 would train nothing and write no model: set a positive "
                                  f"trainer.{key} (or -1 for no limit)")
         self._finished = self._export_pending = False
         ckpt = self.resume_checkpoint()
@@ -403,7 +404,8 @@ def main(args: Optional[list[str]] = None) -> None:
     Input the user must fix (:class:`lit_sft.validation.InputError`: a config value out of range, a data file or
     tokenizer that cannot be loaded; :class:`lit_sft.data.tokenize.RowError`: a malformed row) is reported as
     jsonargparse reports a bad argument: ``error: <message>`` on stderr and exit status 2, no traceback
-    (``JSONARGPARSE_DEBUG=true`` raises instead, with the traceback).
+    (``JSONARGPARSE_DEBUG=true`` raises instead, with the traceback). A run stopped by the non-finite guard
+    (:class:`lit_sft.guard.NonFiniteError`, raised during training) ends the same way with exit status 1.
     """
     deepspeed_logs_to_stderr()
     # a command gets its arguments from this function while sys.argv also holds them: LightningCLI's warning about
@@ -422,11 +424,11 @@ def main(args: Optional[list[str]] = None) -> None:
         SFTCLI(SFTModule, SFTDataModule, args=args, save_config_kwargs={"overwrite": True},
                auto_configure_optimizers=False,
                parser_kwargs={"prog": "lit_sft", "description": overview(COMMANDS, SFTCLI.subcommands()), "fit": fit})
-    except (InputError, RowError) as err:
+    except (InputError, RowError, NonFiniteError) as err:
         if os.environ.get("JSONARGPARSE_DEBUG", "").lower() == "true":  # jsonargparse's own debug switch
             raise
         sys.stderr.write(f"error: {err}\n")
-        raise SystemExit(2) from err
+        raise SystemExit(1 if isinstance(err, NonFiniteError) else 2) from err
 
 
 if __name__ == "__main__":

@@ -51,5 +51,6 @@ def nonfinite_step_message(step: int, loss: float, grad_norm: Optional[float], c
     state = ("the weights were not updated by this step" if not updated
              else "the optimizer applied this step, the weights in memory may be corrupt")
     return (f"optimizer step {step}: NaN/inf in {what}; {state} ({count} non-finite step(s) so far, "
-            f"model.max_nonfinite_steps={tolerated}). The last checkpoint holds the last finite state. Lower "
-            "model.learning_rate, check the data, or set model.max_nonfinite_steps to skip such steps.")
+            f"model.max_nonfinite_steps={tolerated}). No checkpoint or export holds non-finite weights: a rerun "
+            "resumes from the newest checkpoint in run.output_dir, if one was written. Lower model.learning_rate, "
+            "check the data, or set model.max_nonfinite_steps to skip such steps.")

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 
 import lightning as L
@@ -293,6 +294,24 @@ class InjectNaN(L.Callback):
 
 
 @pytest.mark.slow
+def test_cli_reports_the_nonfinite_stop_in_one_line(assets, tmp_path, capsys):
+    """The console script ends a run stopped by the guard with ``error: optimizer step N: ...`` and exit status 1,
+    not a traceback; with no checkpoint written yet, the message does not claim one."""
+    from lit_sft.cli import main
+
+    out = tmp_path / "run"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(_config(assets, out, **{"model.learning_rate": 1e30, "run.save_steps": 100,
+                                                           "trainer.max_epochs": 2})))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert re.search(r"^error: optimizer step \d+: NaN/inf in training loss", err, re.M), err[-2000:]
+    assert "Traceback" not in err and "last checkpoint holds" not in err
+    assert not (out / "checkpoints").exists() and not (out / "model.safetensors").exists()
+
+
 def test_injected_nan_gradient_stops_or_is_skipped(assets, tmp_path):
     """A NaN gradient at step 3: by default the run stops naming step 3 and keeps checkpoint 2; with
     ``max_nonfinite_steps 2`` and NaNs at steps 3 and 5 (the last) both are skipped (the weights after each equal
