@@ -46,10 +46,15 @@ def test_missing_local_dataset_is_not_looked_up_on_the_hub(tmp_path, qwen3_token
     (["--trainer.accumulate_grad_batches", "2"], "data.gradient_accumulation_steps"),
     (["--trainer.gradient_clip_val", "0.5"], "model.max_grad_norm"),
 ])
-def test_cli_points_to_the_lit_sft_key(tmp_path, args, match):
-    with pytest.raises(ValueError, match=match):
+def test_cli_points_to_the_lit_sft_key(capsys, tmp_path, args, match):
+    """One line naming the key to set instead, exit status 2 (``tests/test_validation.py`` checks the message
+    starts)."""
+    with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--run.output_dir", str(tmp_path),
               "--data.max_train_samples", "8", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("dataset,message", [

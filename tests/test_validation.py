@@ -107,11 +107,9 @@ def test_nan_inf_and_non_numbers_are_refused():
     (["--run.save_total_limit", "0"], "run.save_total_limit=0 is out of range: must be >= 1"),
     (["--data.max_train_samples", "0"], "data.max_train_samples=0 is out of range: must be >= 1"),
     (["--model.learning_rate", "-0.001"], "model.learning_rate=-0.001 is out of range: must be > 0"),
-    # issue 9 item 7 and the other Trainer keys lit_sft checks before fit: one line, exit 2, no traceback
+    # issue 9 item 7: one line, exit 2, no traceback (test_errors.py: the other Trainer keys checked before fit)
     (["--trainer.max_steps", "0"], "trainer.max_steps=0 would train nothing"),
     (["--trainer.max_epochs", "0", "--trainer.max_steps", "-1"], "trainer.max_epochs=0 would train nothing"),
-    (["--trainer.accumulate_grad_batches", "2"], "trainer.accumulate_grad_batches must stay 1"),
-    (["--trainer.gradient_clip_val", "1.0"], "trainer.gradient_clip_val is not used by lit_sft"),
 ])
 def test_issue_inputs_fail_at_once_in_the_cli(capsys, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(ROOT)
