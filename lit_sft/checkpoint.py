@@ -207,9 +207,10 @@ def apply_optimizer_hparams(module: L.LightningModule) -> dict[str, Any]:
 
     Lightning restores AdamW's ``param_groups`` (``lr``, ``betas``, ``eps``, ``weight_decay``) and the scheduler's
     ``base_lrs`` from the checkpoint, so a ``learning_rate`` or ``weight_decay`` given for the resumed run would be
-    silently ignored (the schedule's shape already follows the current config: transformers' ``LambdaLR`` keeps no
-    state in its lambdas). Group 0 is the weight-decay group (``lit_sft.optim.adamw``). The step counter and the
-    moments are kept. Returns the values that changed, ``{name: (old, new)}``.
+    silently ignored. The schedule's shape follows the current config (transformers' ``LambdaLR`` keeps no state in
+    its lambdas), but the restored ``lr`` of the first resumed step was the old schedule's: with a raised
+    ``max_steps`` it is recomputed here, ``base_lr * lambda(last_epoch)`` as ``LambdaLR`` does. Group 0 is the
+    weight-decay group (``lit_sft.optim.adamw``). The step counter and the moments are kept. Returns the values that changed, ``{name: (old, new)}``.
     """
     hp = module.hparams
     optimizer, scheduler = module.optimizers(), module.lr_schedulers()
@@ -224,13 +225,16 @@ def apply_optimizer_hparams(module: L.LightningModule) -> dict[str, Any]:
             if current != value:
                 changed[f"{key}[{i}]"] = (current, value)
                 group[key] = value
-    if scheduler is not None and list(scheduler.base_lrs) != [hp.learning_rate] * len(groups):
+    if scheduler is None:
+        return changed
+    if list(scheduler.base_lrs) != [hp.learning_rate] * len(groups):
         changed["learning_rate"] = (scheduler.base_lrs[0], hp.learning_rate)
         scheduler.base_lrs = [hp.learning_rate] * len(groups)
-        lambdas = getattr(scheduler, "lr_lambdas", None)
-        for i, group in enumerate(groups):
+        for group in groups:
             group["initial_lr"] = hp.learning_rate
-            if lambdas is not None:
-                group["lr"] = hp.learning_rate * lambdas[i](scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in groups]
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is not None:  # the rate of the next step under the current schedule (a raised max_steps stretches it)
+        for i, group in enumerate(groups):
+            group["lr"] = scheduler.base_lrs[i] * lambdas[i](scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
     return changed

@@ -33,6 +33,7 @@ from lit_sft.evaluation import SFTEvaluation
 from lit_sft.checkpoint import FINISHED, SFTCheckpoint, training_done
 from lit_sft.cli_parser import SFTArgumentParser, overview
 from lit_sft.recipe import add_recipe_arguments
+from lit_sft.run_config import RunConfigCallback
 from lit_sft.checkpoint_io import checkpoint_problem, newest_loadable, read_checkpoint
 from lit_sft.export import HFExport
 from lit_sft.guard import NonFiniteError
@@ -170,7 +171,11 @@ def check_run_args(run: dict[str, Any]) -> None:
 
 
 class SFTCLI(LightningCLI):
-    """LightningCLI with the recipe's run keys at the top level (see :func:`run_args`)."""
+    """LightningCLI with the recipe's run keys at the top level (see :func:`run_args`); the run's config is saved
+    when training starts (:class:`lit_sft.run_config.RunConfigCallback`)."""
+
+    def __init__(self, *args: Any, save_config_callback: Any = RunConfigCallback, **kwargs: Any) -> None:
+        super().__init__(*args, save_config_callback=save_config_callback, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_function_arguments(run_args, nested_key="run")
@@ -404,8 +409,11 @@ def main(args: Optional[list[str]] = None) -> None:
     Input the user must fix (:class:`lit_sft.validation.InputError`: a config value out of range, a data file or
     tokenizer that cannot be loaded; :class:`lit_sft.data.tokenize.RowError`: a malformed row) is reported as
     jsonargparse reports a bad argument: ``error: <message>`` on stderr and exit status 2, no traceback
-    (``JSONARGPARSE_DEBUG=true`` raises instead, with the traceback). A run stopped by the non-finite guard
-    (:class:`lit_sft.guard.NonFiniteError`, raised during training) ends the same way with exit status 1.
+    (``JSONARGPARSE_DEBUG=true`` raises instead, with the traceback); so is any ``ValueError``, ``TypeError``,
+    ``OSError`` or Lightning ``MisconfigurationException`` raised before training starts (a bad Trainer setting,
+    path or checkpoint), with its type named. A run stopped by the non-finite guard
+    (:class:`lit_sft.guard.NonFiniteError`) ends the same way with exit status 1; other errors during training
+    keep their traceback.
     """
     deepspeed_logs_to_stderr()
     # a command gets its arguments from this function while sys.argv also holds them: LightningCLI's warning about
@@ -414,6 +422,7 @@ def main(args: Optional[list[str]] = None) -> None:
     from lit_sft.commands import COMMANDS, run_command
 
     argv = list(sys.argv[1:] if args is None else args)
+    RunConfigCallback.training_started = False
     try:
         if argv and argv[0] in COMMANDS:
             run_command(argv[0], argv[1:])
@@ -424,11 +433,30 @@ def main(args: Optional[list[str]] = None) -> None:
         SFTCLI(SFTModule, SFTDataModule, args=args, save_config_kwargs={"overwrite": True},
                auto_configure_optimizers=False,
                parser_kwargs={"prog": "lit_sft", "description": overview(COMMANDS, SFTCLI.subcommands()), "fit": fit})
-    except (InputError, RowError, NonFiniteError) as err:
-        if os.environ.get("JSONARGPARSE_DEBUG", "").lower() == "true":  # jsonargparse's own debug switch
+    except Exception as err:  # noqa: BLE001 - sorted below; anything else is re-raised with its traceback
+        if os.environ.get("JSONARGPARSE_DEBUG", "").lower() == "true" or not _is_reported(err):
             raise
-        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.write(f"error: {_one_line(err)}\n")
         raise SystemExit(1 if isinstance(err, NonFiniteError) else 2) from err
+
+
+def _is_reported(err: Exception) -> bool:
+    """Whether ``main`` reports ``err`` as one ``error:`` line: lit_sft's input errors and the guard's stop always;
+    a ``ValueError``, ``TypeError``, ``OSError`` or Lightning ``MisconfigurationException`` only before training
+    started (a bad setting, path or checkpoint found while the run is set up)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    if isinstance(err, (InputError, RowError, NonFiniteError)):
+        return True
+    return not RunConfigCallback.training_started and isinstance(
+        err, (ValueError, TypeError, OSError, MisconfigurationException))
+
+
+def _one_line(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    if isinstance(err, (InputError, RowError, NonFiniteError)):
+        return text
+    return f"{text} ({type(err).__name__}; JSONARGPARSE_DEBUG=true shows the traceback)"
 
 
 if __name__ == "__main__":

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_sft.data.loading import resolve_path
+from lit_sft.validation import InputError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,24 @@ def load_config(model_name_or_path: Optional[str], revision: Optional[str], mode
     if "num_hidden_layers" in overrides and "layer_types" not in overrides:
         base.pop("layer_types", None)  # derived from num_hidden_layers: let the config class rebuild it
     return type(config).from_dict({**base, **overrides})
+
+
+def check_random_init(model_name_or_path: Optional[str], random_init: bool) -> None:
+    """Refuse ``random_init: true`` with a local ``model_name_or_path`` that holds weights: they would be ignored
+    silently (e.g. ``lit_sft validate`` of an exported folder with the embedded default's config, which sets
+    ``random_init: true``, scored random weights). A folder with only ``config.json``, or a hub id, is accepted.
+
+    Raises:
+        InputError: naming both keys.
+    """
+    if not random_init or model_name_or_path is None:
+        return
+    path = resolve_path(model_name_or_path)
+    names = os.listdir(path) if os.path.isdir(path) else []
+    if any(n.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")) for n in names):
+        raise InputError(f"model.random_init: true would ignore the weights in model.model_name_or_path="
+                         f"{model_name_or_path!r}: set model.random_init false to load them (true builds the "
+                         "architecture with random weights)")
 
 
 def build_causal_lm(

@@ -20,9 +20,10 @@ from lit_sft.loss import LossSums, backward_scale, chunked_token_loss_sum, token
 from lit_sft.metrics import (EPOCH, EVAL_LOSS, EVAL_LOSS_TOKENS, EVAL_MEAN_TOKEN_ACCURACY, GRAD_NORM, LEARNING_RATE,
                              LOSS, MFU, TOKENS_PER_S, StepMetrics, device_peak_flops, matmul_params, training_flops)
 from lit_sft.modeling import (activation_bytes_per_token, apply_liger_kernels, auto_checkpointed_layers,
-                              build_causal_lm, count_parameters, decoder_layers, set_checkpointed_layers)
+                              build_causal_lm, check_random_init, count_parameters, decoder_layers,
+                              set_checkpointed_layers)
 from lit_sft.optim import adamw, check_scheduler, lr_scheduler
-from lit_sft.validation import check_ranges
+from lit_sft.validation import InputError, check_ranges
 
 # Checkpoints are taken after the optimizer step on purpose (resume continues from the next step).
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -130,6 +131,7 @@ class SFTModule(L.LightningModule):
                                  "to train adapters on one)")
             self.adapter_config = lora_config(peft, model_name_or_path, model_revision)
             self.strict_loading = False  # a checkpoint holds the adapter only (checked in on_load_checkpoint)
+        check_random_init(model_name_or_path, random_init)
         self.lr_scheduler_kwargs = lr_scheduler_kwargs
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -506,6 +508,21 @@ class SFTModule(L.LightningModule):
         checkpoint["lit_sft_metrics"] = {**self.step_metrics.state_dict(), "nonfinite_steps": self._nonfinite_steps}
         if self.adapter_config is not None:
             checkpoint["lit_sft_adapter"] = adapter_checkpoint_record(self.model, self.adapter_config)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; a checkpoint written for another architecture (``model.model_config``,
+        ``model.model_name_or_path`` changed since) is refused with the settings to restore.
+
+        Raises:
+            InputError: naming the first mismatched tensors (a ``ValueError``; PyTorch raises a ``RuntimeError``).
+        """
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as err:
+            found = [line.strip() for line in str(err).splitlines()[1:] if line.strip()][:2]
+            raise InputError(f"the checkpoint's weights do not fit the model as configured ({'; '.join(found)}): "
+                             "it was written with other model settings (model.model_config, model_name_or_path); "
+                             "set them back to resume it, or train in a new run.output_dir") from err
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restores the step metrics' state. An adapter checkpoint must hold this run's adapter (the frozen base

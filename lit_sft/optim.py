@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 import torch
 
+from lit_sft.validation import InputError
+
 
 def adamw(model: torch.nn.Module, learning_rate: float, weight_decay: float, betas: tuple[float, float],
           eps: float) -> torch.optim.AdamW:
@@ -33,7 +35,7 @@ def check_scheduler(lr_scheduler_type: str, lr_scheduler_kwargs: Optional[dict[s
     """Fail before training on an unknown scheduler name or an argument its transformers function does not take.
 
     Raises:
-        ValueError: naming ``model.lr_scheduler_type`` or ``model.lr_scheduler_kwargs``.
+        InputError: naming ``model.lr_scheduler_type`` or ``model.lr_scheduler_kwargs`` (a ``ValueError``).
     """
     import inspect
 
@@ -43,12 +45,12 @@ def check_scheduler(lr_scheduler_type: str, lr_scheduler_kwargs: Optional[dict[s
         function = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(lr_scheduler_type)]
     except ValueError:
         names = sorted(t.value for t in SchedulerType)
-        raise ValueError(f"model.lr_scheduler_type={lr_scheduler_type!r} is not one of {names}") from None
+        raise InputError(f"model.lr_scheduler_type={lr_scheduler_type!r} is not one of {names}") from None
     allowed = set(inspect.signature(function).parameters) - {"optimizer", "num_warmup_steps", "num_training_steps"}
     unknown = sorted(set(lr_scheduler_kwargs or {}) - allowed)
     if unknown:
-        raise ValueError(f"model.lr_scheduler_kwargs: {unknown} not accepted by {lr_scheduler_type!r} "
-                         f"(it takes {sorted(allowed)})")
+        raise InputError(f"model.lr_scheduler_kwargs: {unknown} not accepted by {lr_scheduler_type!r} "
+                         f"(it takes {sorted(allowed)}): set model.lr_scheduler_kwargs to match it, e.g. null")
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, lr_scheduler_type: str, num_training_steps: int,

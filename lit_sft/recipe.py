@@ -190,7 +190,7 @@ def _map(name: str, value: Any, recipe: dict[str, Any], out: Conversion) -> None
     elif name in ("use_cpu", "no_cuda"):
         if value:
             out.set(target, "cpu")
-    elif name == "eval_strategy":
+    elif name in ("eval_strategy", "save_strategy"):  # YAML 1.1 reads an unquoted `no` as false
         out.set(target, "no" if value is False else value)
     elif name in ("eval_steps", "save_steps", "logging_steps"):
         out.set(target, _whole_steps(name, value))
@@ -213,8 +213,8 @@ def _map(name: str, value: Any, recipe: dict[str, Any], out: Conversion) -> None
         new = name.replace("gradient_", "activation_")
         if value is not None and (name == new or recipe.get(new) is None):  # transformers 5: the new name wins
             out.set(target, _json(name, value))
-    elif name == "lr_scheduler_kwargs":
-        out.set(target, _json(name, value) or {})
+    elif name == "lr_scheduler_kwargs":  # null clears what an earlier --config set (they belong to its scheduler)
+        out.set(target, _json(name, value) or None)
     elif name == "wandb_project":
         if value is not None:
             out.set(target, value)
@@ -260,7 +260,8 @@ def convert_accelerate(config: dict[str, Any], path: str = "<accelerate config>"
     out = Conversion()
     values = _flatten(config, nested=("deepspeed_config",))
     _check_keys(values, ACCELERATE, "an accelerate config", path, out)
-    kind = str(values.get("distributed_type", "NO")).upper()
+    kind = values.get("distributed_type", "NO")
+    kind = "NO" if kind is False else str(kind).upper()  # YAML 1.1 reads an unquoted NO as false
     if kind == "DEEPSPEED":
         init_args = {name.split(".", 1)[1]: value for name, value in values.items()
                      if name.startswith("deepspeed_config.") and ACCELERATE[name].policy == "mapped"}

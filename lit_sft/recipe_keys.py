@@ -71,8 +71,8 @@ def _group(policy: Any, defaults: dict[str, Any], note: str, accepts: tuple = ()
 
 _SPEED = "speed or memory only; lit_sft's own settings apply"
 _EVAL = "evaluation output only; lit_sft evaluates the token-mean loss (eval/loss)"
-_LORA = "used only with use_peft, which lit_sft does not implement"
-_QUANT = "used only with load_in_4bit, which lit_sft does not implement"
+_LORA = "used only with use_peft: set model.peft instead"
+_QUANT = "used only with load_in_4bit: set model.load_in_4bit (QLoRA with model.peft) instead"
 _FSDP = "lit_sft refuses FSDP (lit_sft/supported.py): use --accelerate_config with DEEPSPEED or MULTI_GPU"
 _LOG = "logging only"
 
@@ -85,12 +85,13 @@ RECIPE_KEYS: tuple[RecipeKey, ...] = (
     _m("attn_implementation", "model.attn_implementation", None,
        "unset: transformers picks sdpa; flash_attention_2 without flash-attn falls back with a warning"),
     _c("trust_remote_code", False, "lit_sft loads only transformers' own architectures"),
-    _c("use_peft", False, "LoRA/PEFT is not in lit_sft: train all weights or use TRL"),
+    _c("use_peft", False, "LoRA is lit_sft's model.peft (peft's LoraConfig keys: configs/qwen_lora.yaml), not "
+                         "converted from TRL's flags"),
     *_group(_i, dict(lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target_modules=None,
                      lora_target_parameters=None, lora_modules_to_save=None, lora_task_type="CAUSAL_LM",
                      use_rslora=False, use_dora=False), _LORA),
     _c("load_in_8bit", False, "quantized training (bitsandbytes) is not in lit_sft"),
-    _c("load_in_4bit", False, "quantized training (bitsandbytes) is not in lit_sft"),
+    _c("load_in_4bit", False, "QLoRA is lit_sft's model.load_in_4bit with model.peft, not converted from TRL's flags"),
     *_group(_i, dict(bnb_4bit_quant_type="nf4", use_bnb_nested_quant=False, bnb_4bit_quant_storage=None), _QUANT),
     # -- TRL ScriptArguments + open-r1's ------------------------------------------------------------------------------
     _m("dataset_name", "data.dataset_name"),
@@ -141,7 +142,8 @@ RECIPE_KEYS: tuple[RecipeKey, ...] = (
     # -- transformers TrainingArguments: optimization -----------------------------------------------------------------
     _m("learning_rate", "model.learning_rate", 2e-5, "TRL's default 2e-5"),
     _m("lr_scheduler_type", "model.lr_scheduler_type", "linear"),
-    _m("lr_scheduler_kwargs", "model.lr_scheduler_kwargs", None, "unset: none ({})"),
+    _m("lr_scheduler_kwargs", "model.lr_scheduler_kwargs", None,
+       "unset: null, lit_sft's default for the scheduler ({min_lr_rate: 0.1} for cosine_with_min_lr, else {})"),
     _m("warmup_ratio", "model.warmup_ratio", 0.0, "transformers <= 4.x; transformers 5 takes a ratio in warmup_steps"),
     _m("warmup_steps", "model.warmup_ratio", KEEP, "a value < 1 is a ratio (transformers 5); whole steps: an error"),
     _m("weight_decay", "model.weight_decay", 0.0),

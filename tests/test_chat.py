@@ -10,6 +10,7 @@ prompt's last token ``A B C <|im_end|>``: chat must answer exactly ``A B C`` and
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -148,9 +149,11 @@ def test_conversation_keeps_the_history(models):
     assert next(lines) == "never read"
 
 
-def test_no_model_is_a_clear_error(tmp_path, monkeypatch):
+def test_no_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
     from lit_sft.cli import main
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no model to chat with.*--model_dir"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["chat", "--prompt", "hi", "--run.output_dir", str(tmp_path / "none")])
+    assert exit_info.value.code == 2
+    assert re.search(r"^error: no model to chat with.*--model_dir", capsys.readouterr().err, re.M)

@@ -164,8 +164,47 @@ def test_finished_run_rerun_changes_nothing_and_raised_limits_continue(assets, t
     config["trainer"]["max_epochs"] = 2
     cli = _fit(tmp_path, config)
     assert cli.trainer.global_step == 10 and len(pushed) == 2
-    assert sorted(read_metrics_csv(str(out / "logs" / "metrics.csv"))) == list(range(1, 11))
+    logged = read_metrics_csv(str(out / "logs" / "metrics.csv"))
+    assert sorted(logged) == list(range(1, 11))
     assert "step-000010.ckpt" in _ckpts(out)
+    # steps 6..10 follow the stretched 10-step schedule from its step 6 on (transformers' scheduler as reference;
+    # step 6 used to keep the 5-step schedule's last rate)
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-2)
+    scheduler = get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=1, num_training_steps=10,
+                              scheduler_specific_kwargs={"min_lr_rate": 0.1})
+    reference = []
+    for _ in range(10):
+        reference.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    for step in range(6, 11):
+        assert logged[step]["train/learning_rate"] == pytest.approx(reference[step - 1], rel=1e-12), step
+
+
+def test_refused_resume_is_one_line_and_keeps_the_runs_config(assets, tmp_path, capsys):
+    """A rerun whose model no longer fits the checkpoint (``num_hidden_layers`` 1 -> 2) stops before training with
+    one ``error:`` line naming the mismatch, and leaves ``logs/config.yaml`` as the run that trained wrote it (the
+    recovery command ``lit_sft export --config <run>/logs/config.yaml`` reads it)."""
+    from lit_sft.cli import main
+
+    out = tmp_path / "run"
+    _fit(tmp_path, _config(assets, out))
+    saved = (out / "logs" / "config.yaml").read_bytes()
+    assert b"num_hidden_layers" not in saved
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(_config(assets, out, **{"trainer.max_epochs": 2,
+                                                           "model.model_config": {"num_hidden_layers": 2}})))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^error: the checkpoint's weights do not fit the model as configured \(.*layers\.1\.", err,
+                     re.M), err[-2000:]
+    assert "Traceback" not in err
+    assert (out / "logs" / "config.yaml").read_bytes() == saved
 
 
 def test_export_failure_keeps_the_final_checkpoint_and_the_rerun_only_exports(assets, tmp_path, monkeypatch,

@@ -57,6 +57,40 @@ def test_cli_points_to_the_lit_sft_key(capsys, tmp_path, args, match):
     assert match in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--trainer.max_steps", "-5"], r"`max_steps` must be a non-negative integer or -1.*\(MisconfigurationException; "),
+    (["--trainer.devices", "0"], r"`Trainer\(devices='0'\)` value is not a valid input.*\(MisconfigurationException; "),
+    (["--model.lr_scheduler_type", "bogus"], r"model.lr_scheduler_type='bogus' is not one of \["),
+    (["--model.lr_scheduler_type", "linear"], r"model.lr_scheduler_kwargs: \['min_lr_rate'\] not accepted by 'linear'"),
+    (["--ckpt_path", "missing.ckpt"], r"ckpt_path='missing.ckpt' cannot be resumed from: does not exist"),
+])
+def test_setup_errors_are_one_line(capsys, tmp_path, args, message):
+    """Lightning's, PyTorch's and lit_sft's errors raised while the run is set up (before the first step) are
+    reported as one ``error:`` line with exit status 2, and nothing is trained."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--run.output_dir", str(tmp_path),
+              "--data.max_train_samples", "8", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search("^error: " + message, err, re.M) and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_random_init_with_a_folder_of_weights_is_refused(tmp_path):
+    """``random_init: true`` (the embedded default's) with ``model_name_or_path`` pointing at saved weights would
+    ignore them, e.g. ``lit_sft validate`` of an export scored random weights; a config-only folder is fine."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**TINY_QWEN2)
+    config.save_pretrained(str(tmp_path / "config_only"))
+    SFTModule(str(tmp_path / "config_only"), random_init=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "weights"))
+    with pytest.raises(InputError, match=r"model.random_init: true would ignore the weights in "
+                                         r"model.model_name_or_path=.*set model.random_init false"):
+        SFTModule(str(tmp_path / "weights"), random_init=True)
+    SFTModule(str(tmp_path / "weights"), random_init=False)
+
+
 @pytest.mark.parametrize("dataset,message", [
     ("cut.jsonl", r"error: data.dataset_name='.*cut.jsonl': .*cut.jsonl, line 4: not valid JSON"),
     ("empty.jsonl", r"error: data.dataset_name='.*empty.jsonl': .*empty.jsonl: the file is empty"),

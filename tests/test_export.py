@@ -310,9 +310,10 @@ def test_failed_export_keeps_the_checkpoint_and_lit_sft_export_redoes_it(tmp_pat
         assert "exported from the checkpoint `step-000002.ckpt` with `lit_sft export`" in f.read()
 
 
-def test_export_command_needs_a_checkpoint(tmp_path):
+def test_export_command_needs_a_checkpoint(tmp_path, monkeypatch):
     from lit_sft.cli import main
 
+    monkeypatch.setenv("JSONARGPARSE_DEBUG", "true")  # the exception itself (the CLI prints it as one error line)
     with pytest.raises(FileNotFoundError, match="no checkpoint in .*pass --ckpt_path"):
         main(["export", "--model.model_name_or_path", save_tiny_model(str(tmp_path / "init")),
               "--data.dataset_name", "x.jsonl", "--data.tokenizer_name_or_path", QWEN_TOKENIZER,

@@ -101,9 +101,10 @@ def test_checkpoint_holds_only_what_trains(runs, tmp_path):
     assert lora < 0.05 * full
 
 
-def test_resume_with_another_adapter_is_refused(runs, tmp_path):
+def test_resume_with_another_adapter_is_refused(runs, tmp_path, monkeypatch):
     from lit_sft.cli import main
 
+    monkeypatch.setenv("JSONARGPARSE_DEBUG", "true")  # the exception itself (the CLI prints it as one error line)
     for change, match in (({"r": 2}, r"\[4, 64\], \[2, 64\]"), ({"lora_alpha": 16}, r"'lora_alpha': \(8, 16\)")):
         other = _config(tmp_path, runs["paths"], runs["tmp"] / "b", peft={**PEFT, **change})
         with pytest.raises(ValueError, match="does not fit model.peft as given.*" + match):

@@ -224,6 +224,23 @@ def test_keys_the_recipe_leaves_out_get_trl_defaults(capsys, tmp_path):
     assert got["run"]["report_to"] == ["none"] and got["run"]["output_dir"] == "trainer_output"
 
 
+def test_recipe_over_another_config_clears_its_scheduler_arguments(capsys, tmp_path):
+    """A recipe with TRL's default ``linear`` schedule over ``configs/tiny_cpu.yaml`` (``cosine_with_min_lr``,
+    ``{min_lr_rate: 0.1}``): the kwargs of the earlier schedule do not survive the merge (``linear`` takes none);
+    unquoted ``no`` (YAML's false) is ``no`` for ``save_strategy`` as for ``eval_strategy``, and
+    ``distributed_type: NO`` in an accelerate file is ``NO``."""
+    tiny = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
+    recipe = _file(tmp_path, "tiny_recipe.yaml", "model_name_or_path: null\ndataset_name: x.jsonl\n"
+                                                 "save_strategy: no\neval_strategy: no\n")
+    launcher = _file(tmp_path, "single.yaml", "distributed_type: NO\nnum_processes: 1\n")
+    got = _print_config(capsys, "--config", tiny, "--recipe", recipe, "--accelerate_config", launcher)
+    assert got["model"]["lr_scheduler_type"] == "linear" and not got["model"]["lr_scheduler_kwargs"]
+    assert got["run"]["save_strategy"] == "no" and got["run"]["eval_strategy"] == "no"
+    from lit_sft.optim import check_scheduler
+
+    check_scheduler(got["model"]["lr_scheduler_type"], got["model"]["lr_scheduler_kwargs"])
+
+
 def test_unknown_keys_are_an_error_naming_each(capsys, tmp_path):
     bad = DEMO.replace("max_length: 16384", "max_lenght: 16384").replace("seed: 42", "seed: 42\nfoo_bar: 1")
     err = _error(capsys, "--recipe", _file(tmp_path, "bad.yaml", bad))
