@@ -323,6 +323,9 @@ class SFTCLI(LightningCLI):
             raise InputError("trainer.gradient_clip_val is not used by lit_sft: set model.max_grad_norm")
         if args["save_strategy"] == "steps" and args["save_steps"] < 1:
             raise InputError(f"run.save_steps={args['save_steps']} must be >= 1 with run.save_strategy: steps")
+        if trainer.log_every_n_steps < 1:
+            raise InputError(f"trainer.log_every_n_steps={trainer.log_every_n_steps} logs no step (no metrics.csv, "
+                             "no wandb history): set it >= 1 (recipe: logging_steps), or run.report_to: [none]")
         for key, value in (("max_steps", trainer.max_steps), ("max_epochs", trainer.max_epochs)):
             if value == 0:
                 raise InputError(f"trainer.{key}=0 would train nothing and write no model: set a positive "

@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import contextvars
 import difflib
+import os
 import re
 import sys
 from typing import Any, Iterable, NoReturn, Optional
 
 from jsonargparse import DefaultHelpFormatter
+from jsonargparse._formatters import get_env_var
 from lightning.pytorch.cli import LightningArgumentParser
 
 ENV_PREFIX = "LIT_SFT"
@@ -82,6 +84,18 @@ class SFTArgumentParser(LightningArgumentParser):
             raise
         finally:
             _CONFIG_FILE.reset(token)
+
+    def parse_args(self, *args: Any, **kwargs: Any) -> Any:
+        """jsonargparse's ``parse_args``, after checking that every ``LIT_SFT_<COMMAND>__*`` environment variable
+        names a key (a misspelled one was ignored silently). Exits with :meth:`error` naming it and the closest."""
+        for sub in _subcommand_parsers(self):
+            prefix = get_env_var(sub)  # LIT_SFT_FIT__
+            known = {get_env_var(sub, action) for action in sub._actions}
+            for name in sorted(n for n in os.environ if n.startswith(prefix) and n not in known):
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                self.error(f"environment variable {name} is not a key of `{sub.prog.replace(' [options]', '')}`"
+                           + (f"; did you mean {close[0]}?" if close else ""))
+        return super().parse_args(*args, **kwargs)
 
     def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
         """Print ``error: <message>`` (plus the closest key and a pointer to ``--help``) and exit with status 2."""

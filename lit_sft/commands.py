@@ -64,11 +64,17 @@ def preview(config: Any, rows: int = 3, tokens: bool = False, color: Optional[bo
         tokens: print every token as ``piece(label, id)`` (Axolotl's ``--debug`` format) instead of decoded spans.
         color: ANSI colours (supervised green, masked dimmed); default: when standard output is a terminal and
             ``NO_COLOR`` is unset; otherwise supervised spans are marked ``⟦...⟧``.
+
+    Raises:
+        InputError: ``rows`` < 0, before any tokenization.
     """
     import sys
 
     from lit_sft.preview import preview_text, use_color
+    from lit_sft.validation import InputError
 
+    if rows < 0:
+        raise InputError(f"--rows={rows}: the number of training rows to print must be >= 0")
     datamodule = SFTDataModule(**config.data.as_dict())
     datamodule.setup("fit")
     trainer = config.trainer.as_dict() if config.get("trainer") is not None else {}

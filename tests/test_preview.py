@@ -9,11 +9,13 @@ green on a terminal, ``piece(label, id)`` per token) are the runs of supervised 
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
 import yaml
 
+from conftest import ROOT
 from sft_helpers import QWEN_TOKENIZER, write_jsonl
 
 ROWS = [
@@ -163,3 +165,12 @@ def test_commands_are_listed_in_help(capsys):
     for listed in ("preview Show what a config trains on", "chat Talk to the trained model", "{fit,validate}",
                    "export Write the Hugging Face folder", "validate "):
         assert listed in text, listed
+
+
+def test_negative_row_count_is_an_error(capsys, tmp_path):
+    from lit_sft.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["preview", "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--rows", "-1"])
+    assert exit_info.value.code == 2
+    assert "error: --rows=-1: the number of training rows to print must be >= 0" in capsys.readouterr().err

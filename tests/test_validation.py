@@ -110,6 +110,7 @@ def test_nan_inf_and_non_numbers_are_refused():
     # issue 9 item 7: one line, exit 2, no traceback (test_errors.py: the other Trainer keys checked before fit)
     (["--trainer.max_steps", "0"], "trainer.max_steps=0 would train nothing"),
     (["--trainer.max_epochs", "0", "--trainer.max_steps", "-1"], "trainer.max_epochs=0 would train nothing"),
+    (["--trainer.log_every_n_steps", "0"], "trainer.log_every_n_steps=0 logs no step"),
 ])
 def test_issue_inputs_fail_at_once_in_the_cli(capsys, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(ROOT)
