@@ -210,7 +210,8 @@ def apply_optimizer_hparams(module: L.LightningModule) -> dict[str, Any]:
     silently ignored. The schedule's shape follows the current config (transformers' ``LambdaLR`` keeps no state in
     its lambdas), but the restored ``lr`` of the first resumed step was the old schedule's: with a raised
     ``max_steps`` it is recomputed here, ``base_lr * lambda(last_epoch)`` as ``LambdaLR`` does. Group 0 is the
-    weight-decay group (``lit_sft.optim.adamw``). The step counter and the moments are kept. Returns the values that changed, ``{name: (old, new)}``.
+    weight-decay group (``lit_sft.optim.adamw``). The step counter and the moments are kept. Returns the values
+    that changed, ``{name: (old, new)}``.
     """
     hp = module.hparams
     optimizer, scheduler = module.optimizers(), module.lr_schedulers()

@@ -141,8 +141,9 @@ def test_misspelled_environment_variable_is_an_error(capsys, monkeypatch):
     """A ``LIT_SFT_FIT__*`` variable that names no key was ignored silently; now it stops the run naming it."""
     monkeypatch.setenv("LIT_SFT_FIT__MODEL__LEARNIN_RATE", "1e-5")
     code, _, err = _run(capsys, "fit", "--config", "configs/tiny_cpu.yaml", "--print_config")
-    assert code == 2 and "error: environment variable LIT_SFT_FIT__MODEL__LEARNIN_RATE is not a key of `lit_sft fit`; " \
-        "did you mean LIT_SFT_FIT__MODEL__LEARNING_RATE?" in err, err
+    assert code == 2, err
+    assert ("error: environment variable LIT_SFT_FIT__MODEL__LEARNIN_RATE is not a key of `lit_sft fit`; "
+            "did you mean LIT_SFT_FIT__MODEL__LEARNING_RATE?") in err, err
 
 
 def test_help_names_each_keys_environment_variable(capsys):
