@@ -435,7 +435,10 @@ def main(args: Optional[list[str]] = None) -> None:
                               "environment variable after ENV:."}
         SFTCLI(SFTModule, SFTDataModule, args=args, save_config_kwargs={"overwrite": True},
                auto_configure_optimizers=False,
-               parser_kwargs={"prog": "lit_sft", "description": overview(COMMANDS, SFTCLI.subcommands()), "fit": fit})
+               parser_kwargs={"prog": "lit_sft", "description": overview(COMMANDS, SFTCLI.subcommands()), "fit": fit,
+                              "validate": {"description": "Evaluate a checkpoint (--ckpt_path) or an exported folder "
+                                                          "(--model.model_name_or_path): the evaluation loss (token "
+                                                          "mean, all ranks) and token accuracy of a split."}})
     except Exception as err:  # noqa: BLE001 - sorted below; anything else is re-raised with its traceback
         if os.environ.get("JSONARGPARSE_DEBUG", "").lower() == "true" or not _is_reported(err):
             raise

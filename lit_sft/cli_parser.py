@@ -145,8 +145,9 @@ def overview(commands: dict[str, Any], subcommands: Iterable[str]) -> str:
 
     rows = [(name, first_line(getattr(Trainer, name))) for name in subcommands]
     rows += [(name, first_line(fn)) for name, fn in commands.items() if name not in subcommands]
-    rows = [("fit", "train: the recipe's loop (LightningCLI + SFTModule + SFTDataModule), then the Hugging Face "
-             "export") if name == "fit" else (name, text) for name, text in rows]
+    ours = {"fit": "train: the recipe's loop (LightningCLI + SFTModule + SFTDataModule), then the Hugging Face export",
+            "validate": "evaluation loss (token mean, all ranks) and token accuracy of a checkpoint or an export"}
+    rows = [(name, ours.get(name, text)) for name, text in rows]
     width = max(len(name) for name, _ in rows)
     listing = "\n".join(f"  {name.ljust(width)}  {text}" for name, text in rows)
     return (
