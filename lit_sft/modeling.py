@@ -92,7 +92,7 @@ def check_random_init(model_name_or_path: Optional[str], random_init: bool) -> N
         return
     path = resolve_path(model_name_or_path)
     names = os.listdir(path) if os.path.isdir(path) else []
-    if any(n.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")) for n in names):
+    if any(n.endswith((".safetensors", ".safetensors.index.json")) or n.startswith("pytorch_model") for n in names):
         raise InputError(f"model.random_init: true would ignore the weights in model.model_name_or_path="
                          f"{model_name_or_path!r}: set model.random_init false to load them (true builds the "
                          "architecture with random weights)")
