@@ -6,7 +6,10 @@ even a tiny model large.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import os
 from typing import Any, Optional
 
@@ -40,11 +43,73 @@ def chat_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
+class LogLines(logging.Handler):
+    """Collects the messages of loggers that do not propagate to the root (``lightning.pytorch``: what Lightning's
+    ``rank_zero_info`` prints), which pytest's ``caplog`` does not see."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def log_lines(*names: str):
+    """``with log_lines("lightning.pytorch", ...) as lines``: the messages (INFO and up) those loggers emit inside."""
+    handler = LogLines()
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+    try:
+        yield handler.lines
+    finally:
+        for name in names:
+            logging.getLogger(name).removeHandler(handler)
+            logging.getLogger(name).setLevel(levels[name])
+
+
+def weight_digest(module: Any) -> str:
+    """sha256 of every tensor of ``module.model``'s state dict (names and bytes): equal digests mean bit-identical
+    weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def labels_from_pieces(tokenizer: Any, *pieces: tuple[str, bool]) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` from ``(text, supervised)`` pieces, each tokenized alone; ``labels[0]`` masked (an
+    independent reference for the labels of a rendered conversation)."""
+    from lit_sft.data.tokenize import IGNORE_INDEX
+
+    ids, labels = [], []
+    for text, supervised in pieces:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if supervised else [IGNORE_INDEX] * len(piece)
+    labels[0] = IGNORE_INDEX
+    return ids, labels
+
+
+def tokenized_datamodule(path: str, **kwargs: Any) -> Any:
+    """``SFTDataModule(path, ...)`` on the always-present Qwen tokenizer, no length limit, set up for ``fit``."""
+    from lit_sft.data.datamodule import SFTDataModule
+
+    dm = SFTDataModule(path, **{"tokenizer_name_or_path": QWEN_TOKENIZER, "num_workers": 0, "max_length": None,
+                                **kwargs})
+    dm.setup("fit")
+    return dm
+
+
 def write_jsonl(path: str, rows: list[dict[str, Any]]) -> str:
     with open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    return path
+    return str(path)
 
 
 def save_tiny_model(path: str, seed: int = 0, **overrides: Any) -> str:

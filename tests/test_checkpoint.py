@@ -9,7 +9,6 @@ The kill -9 matrix at chosen moments is ``tests/test_checkpoint_kill.py``.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
@@ -20,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from sft_helpers import QWEN_TOKENIZER, chat_rows, read_metrics_csv, save_tiny_model, write_jsonl
+from sft_helpers import QWEN_TOKENIZER, chat_rows, log_lines, read_metrics_csv, save_tiny_model, write_jsonl
 
 TINY = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
 
@@ -62,21 +61,10 @@ def _fit(tmp_path, config: dict, *args: str, name: str = "config.yaml") -> "obje
                   parser_kwargs={"allow_abbrev": False})
 
 
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 @pytest.fixture
 def lightning_log():
-    handler = _Lines()
-    logging.getLogger("lightning.pytorch").addHandler(handler)
-    yield handler.lines
-    logging.getLogger("lightning.pytorch").removeHandler(handler)
+    with log_lines("lightning.pytorch") as collected:
+        yield collected
 
 
 def _ckpts(out) -> list[str]:

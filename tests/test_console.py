@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -27,7 +26,8 @@ import pytest
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from sft_helpers import QWEN_TOKENIZER, chat_rows, cpu_trainer, save_tiny_model, sft_data, sft_module, write_jsonl
+from sft_helpers import (QWEN_TOKENIZER, chat_rows, cpu_trainer, log_lines, save_tiny_model, sft_data, sft_module,
+                         write_jsonl)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISE = ("💡", "litlogger", "litmodels", "Setting accelerator to CPU", "PreTrainedConfig", "Model config",
@@ -39,17 +39,6 @@ def paths(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("console")
     return {"data": write_jsonl(str(tmp / "rows.jsonl"), chat_rows(6, seed=7)),
             "model": save_tiny_model(str(tmp / "init"), seed=3), "tmp": tmp}
-
-
-class _Lines(logging.Handler):
-    """Collects what Lightning's ``rank_zero_info`` prints (the ``lightning.pytorch`` logger does not propagate)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
 
 
 class BarAtEpochEnd(L.Callback):
@@ -92,23 +81,19 @@ def test_progress_bar_shows_a_nan_loss():
 def test_plain_lines_and_notices(paths, tmp_path):
     """Off a terminal (pytest's stdout): one line per ``log_every_n_steps`` optimizer steps with step/total, loss,
     tokens/s, LR, ETA; a notice for each checkpoint; after a resume, a resume notice and the remaining steps."""
-    handler = _Lines()
-    logging.getLogger("lightning.pytorch").addHandler(handler)
-    try:
+    with log_lines("lightning.pytorch") as lines:
         ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), filename="step-{step:06d}",
                                auto_insert_metric_name=False, every_n_train_steps=2, save_top_k=-1)
         module = sft_module(paths["model"])
         trainer = cpu_trainer(str(tmp_path), [ckpt], enable_progress_bar=True, enable_checkpointing=True,
                               max_epochs=2, log_every_n_steps=2)
         trainer.fit(module, sft_data(paths["data"], per_device_train_batch_size=1))
-        first = list(handler.lines)
-        handler.lines.clear()
+        first = list(lines)
+        lines.clear()
         trainer = cpu_trainer(str(tmp_path), enable_progress_bar=True, max_epochs=3, log_every_n_steps=2)
         trainer.fit(sft_module(paths["model"]), sft_data(paths["data"], per_device_train_batch_size=1),
                     ckpt_path=str(tmp_path / "ckpt" / "step-000006.ckpt"))
-        second = handler.lines
-    finally:
-        logging.getLogger("lightning.pytorch").removeHandler(handler)
+        second = lines
     steps = [line for line in first if line.startswith("step ")]
     assert [line.split(" |")[0] for line in steps] == ["step 2/6", "step 4/6", "step 6/6"]
     loss = module.last_step_metrics["train/loss"]

@@ -10,7 +10,6 @@ and its value must be the token mean of the evaluation rows under plain transfor
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 
@@ -20,20 +19,12 @@ import torch
 import yaml
 
 from sft_helpers import (QWEN_TOKENIZER, StepRecorder, chat_rows, cpu_trainer, read_metrics_csv, save_tiny_model,
-                         sft_data, sft_module, write_jsonl)
+                         sft_data, sft_module, weight_digest, write_jsonl)
 
 EPOCHS, STEPS_PER_EPOCH = 2, 3
 LR = 1e-2
 SETTINGS = dict(per_device_train_batch_size=1, gradient_accumulation_steps=2, per_device_eval_batch_size=2,
                 num_workers=2)
-
-
-def weight_digest(module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class Record(L.Callback):

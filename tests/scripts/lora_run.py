@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from scripts.sft_run import RecordSteps, full_parameters  # noqa: E402
+from scripts.sft_run import RecordSteps, SaveParameters, full_parameters  # noqa: E402
 from sft_harness import EPS, LR, TOKENIZER  # noqa: E402
 
 
@@ -68,16 +68,6 @@ class Layout(L.Callback):
             torch.save(full, os.path.join(self.out, "init.pt"))
             with open(os.path.join(self.out, "layout.json"), "w") as f:
                 json.dump(gathered, f, indent=1)
-
-
-class SaveParameters(L.Callback):
-    def __init__(self, out: str) -> None:
-        self.out = out
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        full = full_parameters(module)
-        if trainer.is_global_zero:
-            torch.save(full, os.path.join(self.out, "params.pt"))
 
 
 def main() -> None:

@@ -22,9 +22,8 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
 import lightning as L  # noqa: E402
-import torch  # noqa: E402
 
-from scripts.sft_run import full_parameters  # noqa: E402
+from scripts.sft_run import SaveParameters  # noqa: E402
 from sft_harness import TOKENIZER  # noqa: E402
 
 
@@ -44,16 +43,6 @@ class Record(L.Callback):
                 f.write(json.dumps({"step": trainer.global_step, "loss": metrics["train/loss"],
                                     "tokens": metrics["train/step_loss_tokens"],
                                     "lr": metrics["train/learning_rate"]}) + "\n")
-
-
-class SaveParameters(L.Callback):
-    def __init__(self, out: str) -> None:
-        self.out = out
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        full = full_parameters(module)
-        if trainer.is_global_zero:
-            torch.save(full, os.path.join(self.out, "params.pt"))
 
 
 def main() -> None:
